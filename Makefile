@@ -1,0 +1,49 @@
+# The README's two commands: `make test` and `make reproduce`. Both create .venv when it is missing.
+#   TORCH=cpu (default)  pin the CPU wheel of torch (constraints/torch-cpu.txt)
+#   TORCH=own            keep the torch already in $(VENV): install your CUDA build there first
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= cpu
+EXTRAS ?= dev
+PY := $(VENV)/bin/python
+
+ifeq ($(TORCH),cpu)
+TORCH_CONSTRAINT := -c constraints/torch-cpu.txt
+else ifeq ($(TORCH),own)
+TORCH_CONSTRAINT :=
+else
+$(error TORCH must be cpu or own, not '$(TORCH)')
+endif
+
+comma := ,
+STAMP := $(VENV)/.installed-$(TORCH)-$(subst $(comma),_,$(EXTRAS))
+
+.PHONY: install test test-all reproduce lock clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/lock.txt constraints/torch-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints/lock.txt $(TORCH_CONSTRAINT) -e '.[$(EXTRAS)]'
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+# Slow and GPU-marked tests too (GPU ones skip themselves without a CUDA device).
+test-all: install
+	$(PY) -m pytest -m ''
+
+reproduce: install
+	$(VENV)/bin/sapo-report
+
+# Re-resolve every dependency from scratch and rewrite constraints/lock.txt.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet -c constraints/torch-cpu.txt -e '.[dev]'
+	{ echo '# Versions CI and `make` install (regenerate with `make lock`). torch is pinned separately: constraints/torch-cpu.txt.'; \
+	  .lock-venv/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints/lock.txt
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) .pytest_cache
