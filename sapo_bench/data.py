@@ -158,3 +158,27 @@ def load_train_mix(source: str | Path, names: tuple[str, ...] = TRAIN_MIX, *, se
 
     parts = [load_split(source, d, "train", **kwargs) for d in names]
     return datasets.concatenate_datasets(parts).shuffle(seed=seed)
+
+
+def load_train_and_validation(source: str | Path, names: tuple[str, ...] = TRAIN_MIX, *, n_val: int = 200,
+                              seed: int = 0, **kwargs):
+    """The train mix and a validation set per train dataset, disjoint from every eval split.
+
+    A dataset whose eval split is `test` validates on its `dev` split. One whose eval split *is*
+    `dev` (HotpotQA) validates on `n_val` questions held out of its train split, and those never
+    reach training (the SAPO paper validated on test/dev items; this does not).
+    """
+    import datasets
+
+    train_parts, val = [], {}
+    for d in names:
+        train = load_split(source, d, "train", **kwargs)
+        if eval_split(source, d) == "test" and "dev" in available_splits(source, d):
+            val[d] = load_split(source, d, "dev", limit=n_val, **kwargs)
+        else:
+            held = train.shuffle(seed=seed).select(range(min(n_val, len(train) // 10)))
+            held_ids = set(held["id"])
+            val[d] = held
+            train = train.select([i for i, rid in enumerate(train["id"]) if rid not in held_ids])
+        train_parts.append(train)
+    return datasets.concatenate_datasets(train_parts).shuffle(seed=seed), val

@@ -22,9 +22,13 @@ SAPO = (
     "information, provide a concise final answer using <answer> and </answer>. For example, <answer> Donald "
     "Trump </answer>. Question: {question}\n"
 )
-TEMPLATES = {"search_r1": SEARCH_R1, "sapo": SAPO}
+# The micro scale's instruction: the same protocol and tags in one line. A model trained from
+# scratch gets nothing from 118 tokens of constant preamble but their cost (~40% of a sequence).
+MICRO = ("Answer the question. Search with <search> query </search>, read the <information>, answer with "
+         "<answer> answer </answer>. Question: {question}\n")
+TEMPLATES = {"search_r1": SEARCH_R1, "sapo": SAPO, "micro": MICRO}
 # Which tags wrap retrieved passages under each template.
-OBSERVATION_TAG = {"search_r1": "information", "sapo": "documents"}
+OBSERVATION_TAG = {"search_r1": "information", "sapo": "documents", "micro": "information"}
 INVALID_ACTION = (
     "\nMy previous action is invalid. If I want to search, I should put the query between <search> and "
     "</search>. If I want to give the final answer, I should put the answer between <answer> and </answer>. "

@@ -9,3 +9,25 @@ def micro_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
     write_world(out, WorldConfig(seed=0))
     return out
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A small world (scale 0.05) for tests that need a tokenizer, a retriever and a model."""
+    out = tmp_path_factory.mktemp("small_world")
+    write_world(out, WorldConfig(seed=0, scale=0.05))
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_tok(small_world):
+    from sapo_bench.models import micro_tokenizer
+
+    return micro_tokenizer(small_world, vocab_size=1024)
+
+
+@pytest.fixture(scope="session")
+def bm25(small_world):
+    from sapo_bench.retrieval import BM25Retriever
+
+    return BM25Retriever(small_world / "corpus.jsonl")

@@ -1,0 +1,95 @@
+"""sapo-eval: greedy rollout EM/F1 of any policy on the seven test sets, with the training rollout.
+
+    sapo-eval model=qwen2.5-3b-instruct data=flashrag retriever=http rollout=search_r1 \\
+        model.hub_id=PeterJinGo/SearchR1-nq_hotpotqa_train-qwen2.5-3b-em-ppo
+    sapo-eval checkpoint=runs/micro/qwen2-micro-1m/sapo/seed0/checkpoints/last.ckpt
+
+`checkpoint` may be a Lightning checkpoint of a sapo-train run (its model config is read from the
+run's config.yaml), a folder saved with save_pretrained, or omitted (the model config's own weights:
+a hub id, a local path, or a micro model's warm start). Writes eval.json next to the checkpoint, or
+to `out`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sapo_bench.data import DATASETS, load_eval
+from sapo_bench.io import atomic_write_json
+from sapo_bench.rewards import exact_match, f1_score
+from sapo_bench.rollout import HFEngine, RolloutConfig, rollout
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def score(answers: list[str | None], golds: list[list[str]]) -> list[tuple[float, float]]:
+    """(EM, F1) per example; no extracted answer scores 0."""
+    return [(0.0, 0.0) if a is None else (exact_match(a, g), f1_score(a, g)) for a, g in zip(answers, golds)]
+
+
+@torch.no_grad()
+def evaluate_policy(model, tokenizer, retriever, sets: dict, rcfg: RolloutConfig, batch_size: int = 64) -> dict:
+    """{dataset: {em, f1, n}} by greedy rollout."""
+    model.eval()
+    out = {}
+    for name, ds in sets.items():
+        scores = []
+        for s in range(0, len(ds), batch_size):
+            rows = ds.select(range(s, min(s + batch_size, len(ds))))
+            batch = rollout(HFEngine(model, tokenizer, greedy=True), tokenizer, retriever, rows["question"], rcfg)
+            scores += score(batch.answers, rows["golden_answers"])
+        n = max(len(scores), 1)
+        out[name] = {"em": sum(s[0] for s in scores) / n, "f1": sum(s[1] for s in scores) / n, "n": len(scores)}
+    return out
+
+
+def _policy(cfg: DictConfig, retriever, rcfg: RolloutConfig):
+    from sapo_bench.train import load_policy_for, prepare_data
+
+    ckpt = cfg.get("checkpoint")
+    if ckpt and Path(ckpt).is_dir():
+        from sapo_bench.models import load_pretrained
+
+        return load_pretrained(str(ckpt))
+    if ckpt:
+        run_cfg = Path(ckpt).parent.parent / "config.yaml"
+        if run_cfg.exists():  # evaluate the run's own model, whatever model= says
+            cfg = OmegaConf.merge(cfg, {"model": OmegaConf.load(run_cfg).model})
+    prepare_data(cfg)
+    model, tok, _ = load_policy_for(cfg, retriever, rcfg)
+    if ckpt:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        model.load_state_dict({k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")})
+    return model, tok
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    from sapo_bench.retrieval import build_retriever
+    from sapo_bench.train import RetryingRetriever
+
+    start = time.time()
+    rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=bool(cfg.model.chat_template))
+    retriever = RetryingRetriever(build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True)))
+    model, tok = _policy(cfg, retriever, rcfg)
+    sets = load_eval(cfg.data.source, tuple(cfg.get("datasets") or DATASETS), limit=cfg.data.test_limit)
+    test = evaluate_policy(model, tok, retriever, sets, rcfg, batch_size=cfg.eval.batch_size)
+    result = {"model": cfg.model.name, "checkpoint": cfg.get("checkpoint"), "test": test,
+              "test_em_avg": sum(r["em"] for r in test.values()) / len(test), "wall_s": round(time.time() - start, 1)}
+    out = Path(cfg.out) if cfg.get("out") else (Path(cfg.checkpoint).parent if cfg.get("checkpoint") else Path(cfg.run_dir))
+    atomic_write_json(out / "eval.json" if out.suffix != ".json" else out, result)
+    return result
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    print(json.dumps(run_eval(cfg), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""Multi-turn search rollout (DESIGN §4), Search-R1 compatible.
+
+    batch = rollout(engine, tokenizer, retriever, prompts, RolloutConfig())
+
+Two layers. The *episode loop* (`rollout`) is the environment: it parses each turn's action,
+calls the retriever once per turn for the whole batch, inserts `<information>` blocks or the
+invalid-action feedback, enforces turn and token budgets, and records the loss mask. An *engine*
+produces the tokens: `HFEngine` for any transformers causal LM, `ScriptedEngine` for fixed texts
+(tests, and the teacher trajectories of the warm start).
+
+How this differs from Search-R1's loop:
+1. One KV cache lives across turns: inserted passages are appended to it, never re-encoded.
+   Sequences in a batch may have holes (padding in the middle); position ids count real tokens
+   only, so every sequence sees exactly what it would see alone.
+2. Finished episodes leave the batch (the cache is compacted), so late turns cost only what is
+   still running.
+3. Tokens are kept as sampled: no decode → cut → re-tokenise. A turn ends on the token that
+   completes `</search>` or `</answer>`; text after it inside that same token stays.
+4. End-of-sequence ends the episode (Search-R1 would insert the invalid-action feedback).
+5. Behaviour log-probs are recorded at sampling time (log-softmax of logits / temperature).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from sapo_bench.prompts import INVALID_ACTION, make_prompt, observation
+from sapo_bench.retrieval import format_passages
+from sapo_bench.rewards import extract_answer
+
+ACTION = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
+STOP_STRINGS = ("</search>", "</answer>")
+
+
+@dataclass
+class RolloutConfig:
+    max_turns: int = 4              # turns that may search; then one final answer turn
+    max_new_tokens: int = 64        # generated tokens per turn
+    max_obs_tokens: int = 256       # an inserted observation is cut to this many tokens
+    max_response_tokens: int = 640  # budget for the whole response (generated + inserted)
+    max_prompt_tokens: int = 512    # longer prompts keep their end (the question)
+    topk: int = 3
+    temperature: float = 1.0
+    top_p: float = 1.0
+    template: str = "search_r1"
+    chat_template: bool = False     # wrap the prompt in the tokenizer's chat template (instruct models)
+
+
+def parse_action(text: str) -> tuple[str | None, str]:
+    """Search-R1's rule: the first <search>…</search> or <answer>…</answer> of the turn."""
+    m = ACTION.search(text)
+    return (m.group(1), m.group(2).strip()) if m else (None, "")
+
+
+@dataclass
+class TurnOutput:
+    tokens: list[int]
+    logps: list[float]
+    reason: str  # "stop" (a stop string), "eos", or "length"
+
+
+@dataclass
+class RolloutBatch:
+    """Compact, right-padded sequences: prompt then response, one row per episode."""
+
+    input_ids: torch.Tensor       # (N, L)
+    attention_mask: torch.Tensor  # (N, L)
+    loss_mask: torch.Tensor       # (N, L) 1 on generated tokens only
+    old_logp: torch.Tensor        # (N, L) behaviour log-prob of each generated token, 0 elsewhere
+    prompt_lens: list[int]
+    responses: list[str]          # decoded responses, inserted text included
+    answers: list[str | None]
+    turns: list[int]
+    searches: list[int]
+    invalid: list[int]
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        n = max(len(self.turns), 1)
+        gen = self.loss_mask.sum(-1).float()
+        return {"rollout/searches_mean": sum(self.searches) / n,
+                "rollout/turns_mean": sum(self.turns) / n,
+                "rollout/invalid_frac": sum(i > 0 for i in self.invalid) / n,
+                "rollout/answered_frac": sum(a is not None for a in self.answers) / n,
+                "rollout/response_len": float(gen.mean()) if len(gen) else 0.0,
+                **self.stats}
+
+
+# --- engines -------------------------------------------------------------------------------------
+
+
+class ScriptedEngine:
+    """Emits fixed text turns per episode (teacher trajectories, tests). Log-probs are 0."""
+
+    def __init__(self, tokenizer, scripts: list[list[str]]):
+        self.tok = tokenizer
+        self.scripts = [[tokenizer(t, add_special_tokens=False)["input_ids"] for t in s] for s in scripts]
+        self.slots: list[int] = []
+        self.turn: dict[int, int] = {}
+
+    def start(self, prompts: list[list[int]]) -> None:
+        self.slots = list(range(len(prompts)))
+        self.turn = {i: 0 for i in self.slots}
+
+    def generate(self, max_new: list[int]) -> list[TurnOutput]:
+        outs = []
+        for ep, budget in zip(self.slots, max_new):
+            turns = self.scripts[ep]
+            k = self.turn[ep]
+            self.turn[ep] += 1
+            if k >= len(turns):
+                outs.append(TurnOutput([self.tok.eos_token_id], [0.0], "eos"))
+                continue
+            ids = turns[k][:budget]
+            outs.append(TurnOutput(ids, [0.0] * len(ids), "stop" if len(ids) == len(turns[k]) else "length"))
+        return outs
+
+    def keep(self, episodes: list[int]) -> None:
+        self.slots = list(episodes)
+
+    def append(self, token_lists: list[list[int]]) -> None:
+        pass
+
+
+class HFEngine:
+    """Batched sampling with one KV cache across turns, for any transformers causal LM."""
+
+    def __init__(self, model, tokenizer, *, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+                 generator: torch.Generator | None = None):
+        self.model, self.tok = model, tokenizer
+        self.temperature, self.top_p, self.greedy, self.gen = temperature, top_p, greedy, generator
+        self.device = next(model.parameters()).device
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Only a token whose text contains ">" can complete a stop string: check just those.
+        self._closing = torch.tensor(["<" in s or ">" in s for s in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))])
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._stop_window = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in STOP_STRINGS) + 1
+
+    def _forward(self, ids, mask_new, positions):
+        self.mask = torch.cat([self.mask, mask_new], dim=1) if self.mask is not None else mask_new
+        # transformers renamed past_key_values to cache (5.x); accept both spellings.
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         **{self._cache_arg: self.cache})
+        self.cache = out.get("cache", out.get("past_key_values"))
+        return out.logits
+
+    @torch.no_grad()
+    def start(self, prompts: list[list[int]]) -> None:
+        from transformers import DynamicCache
+
+        n, length = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((n, length), self.pad, dtype=torch.long)
+        mask = torch.zeros((n, length), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left-pad, so every prompt ends in the last column
+            ids[i, length - len(p):] = torch.tensor(p)
+            mask[i, length - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        self.cache, self.mask = DynamicCache(), None
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.next_logits = self._forward(ids, mask, positions)[:, -1].float()
+        self.n_real = mask.sum(-1)
+        self.pending: list[int | None] = [None] * n
+        self.slots = list(range(n))
+
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.greedy:
+            tok = logits.argmax(-1)
+            return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+        logp = torch.log_softmax(logits / self.temperature, -1)
+        probs = logp.exp()
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        tok = torch.multinomial(probs, 1, generator=self.gen)[:, 0]
+        return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+    def _stopped(self, turn_tokens: list[int]) -> bool:
+        tail = self.tok.decode(turn_tokens[-self._stop_window:])
+        return any(s in tail for s in STOP_STRINGS)
+
+    @torch.no_grad()
+    def generate(self, max_new: list[int]) -> list[TurnOutput]:
+        n = len(self.slots)
+        outs = [TurnOutput([], [], "length") for _ in range(n)]
+        active = torch.tensor([b > 0 for b in max_new], device=self.device)
+        logits = self.next_logits
+        for step in range(max(max_new, default=0)):
+            tok, lp = self._sample(logits)
+            tok = torch.where(active, tok, torch.full_like(tok, self.pad))
+            still = active.clone()
+            for i in active.nonzero()[:, 0].tolist():
+                t = int(tok[i])
+                outs[i].tokens.append(t)
+                outs[i].logps.append(float(lp[i]))
+                if t in self.eos:
+                    outs[i].reason = "eos"
+                elif self._closing[t] and self._stopped(outs[i].tokens):
+                    outs[i].reason = "stop"
+                elif len(outs[i].tokens) < max_new[i]:
+                    continue
+                still[i] = False
+                self.pending[i] = t  # the turn's last token is fed with whatever comes next
+            if not still.any():
+                break
+            logits = self._forward(tok[:, None], still[:, None].long(), self.n_real[:, None])[:, -1].float()
+            self.n_real = self.n_real + still.long()
+            active = still
+        self.next_logits = logits
+        return outs
+
+    def keep(self, episodes: list[int]) -> None:
+        """Drop finished episodes from the batch, cache included."""
+        idx = [self.slots.index(e) for e in episodes]
+        if idx == list(range(len(self.slots))):
+            return
+        index = torch.tensor(idx, device=self.device, dtype=torch.long)
+        self.cache.batch_select_indices(index)
+        self.mask, self.n_real, self.next_logits = self.mask[index], self.n_real[index], self.next_logits[index]
+        self.pending = [self.pending[i] for i in idx]
+        self.slots = list(episodes)
+
+    @torch.no_grad()
+    def append(self, token_lists: list[list[int]]) -> None:
+        """Feed each slot's pending last token plus its inserted tokens, in one forward."""
+        seqs = [([p] if p is not None else []) + list(t) for p, t in zip(self.pending, token_lists)]
+        self.pending = [None] * len(seqs)
+        width = max((len(s) for s in seqs), default=0)
+        if width == 0:
+            return
+        n = len(seqs)
+        ids = torch.full((n, width), self.pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, :len(s)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = self.n_real[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self._forward(ids, mask, positions)
+        last = torch.tensor([max(len(s) - 1, 0) for s in seqs], device=self.device)
+        fresh = logits[torch.arange(n, device=self.device), last].float()
+        has = torch.tensor([len(s) > 0 for s in seqs], device=self.device)
+        self.next_logits = torch.where(has[:, None], fresh, self.next_logits)
+        self.n_real = self.n_real + mask.sum(-1)
+
+
+# --- the episode loop ----------------------------------------------------------------------------
+
+
+def encode_prompts(tokenizer, questions: list[str], cfg: RolloutConfig) -> tuple[list[list[int]], int]:
+    """Token ids of each prompt, and how many had to be cut to max_prompt_tokens."""
+    out, cut = [], 0
+    for q in questions:
+        text = make_prompt(q, cfg.template)
+        if cfg.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > cfg.max_prompt_tokens:
+            ids, cut = ids[-cfg.max_prompt_tokens:], cut + 1
+        out.append(list(ids))
+    return out, cut
+
+
+def rollout(engine, tokenizer, retriever, questions: list[str], cfg: RolloutConfig) -> RolloutBatch:
+    prompts, prompts_cut = encode_prompts(tokenizer, questions, cfg)
+    n = len(prompts)
+    resp = [[] for _ in range(n)]
+    mask = [[] for _ in range(n)]
+    logps = [[] for _ in range(n)]
+    texts = [[] for _ in range(n)]      # every piece of the response, inserted text included
+    generated = [[] for _ in range(n)]  # the policy's own turns only
+    turns, searches, invalid = [0] * n, [0] * n, [0] * n
+    obs_cut = ctx_cut = 0
+    engine.start(prompts)
+    running = list(range(n))
+    for turn in range(cfg.max_turns + 1):
+        final = turn == cfg.max_turns
+        budget = [min(cfg.max_new_tokens, cfg.max_response_tokens - len(resp[e])) for e in running]
+        outs = engine.generate(budget)
+        queries, searching, inserts = [], [], {}
+        for e, out in zip(running, outs):
+            turns[e] += 1
+            resp[e] += out.tokens
+            mask[e] += [1] * len(out.tokens)
+            logps[e] += out.logps
+            text = tokenizer.decode(out.tokens, skip_special_tokens=True)
+            texts[e].append(text)
+            generated[e].append(text)
+            action, content = parse_action(text)
+            if out.reason == "eos" or action == "answer" or final:
+                continue
+            if len(resp[e]) >= cfg.max_response_tokens:  # the response budget is spent: no room to go on
+                ctx_cut += 1
+                continue
+            if action == "search":
+                searches[e] += 1
+                queries.append(content)
+                searching.append(e)
+            else:
+                invalid[e] += 1
+                inserts[e] = INVALID_ACTION
+        if queries:
+            for e, hits in zip(searching, retriever.search(queries, cfg.topk)):
+                inserts[e] = observation(format_passages(hits).strip(), cfg.template)
+        running = [e for e in running if e in inserts]
+        if not running:
+            break
+        engine.keep(running)
+        token_lists = []
+        for e in running:
+            ids = tokenizer(inserts[e], add_special_tokens=False)["input_ids"]
+            if len(ids) > cfg.max_obs_tokens:
+                ids, obs_cut = ids[:cfg.max_obs_tokens], obs_cut + 1
+            room = cfg.max_response_tokens - len(resp[e])
+            if len(ids) > room:
+                ids, ctx_cut = ids[:room], ctx_cut + 1
+            resp[e] += ids
+            mask[e] += [0] * len(ids)
+            logps[e] += [0.0] * len(ids)
+            texts[e].append(tokenizer.decode(ids, skip_special_tokens=True))
+            token_lists.append(ids)
+        engine.append(token_lists)
+        running = [e for e in running if len(resp[e]) < cfg.max_response_tokens]
+        engine.keep(running)
+    responses = ["".join(t) for t in texts]
+    batch = _pack(tokenizer, prompts, resp, mask, logps)
+    return RolloutBatch(
+        **batch, prompt_lens=[len(p) for p in prompts], responses=responses,
+        # From generated text only: the invalid-action feedback itself contains "<answer> and </answer>".
+        answers=[extract_answer("".join(g)) for g in generated],
+        turns=turns, searches=searches, invalid=invalid,
+        stats={"rollout/obs_truncated": obs_cut / max(n, 1), "rollout/context_truncated": ctx_cut / max(n, 1),
+               "rollout/prompt_truncated": prompts_cut / max(n, 1)})
+
+
+def _pack(tokenizer, prompts, resp, mask, logps) -> dict:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    n = len(prompts)
+    width = max(len(p) + len(r) for p, r in zip(prompts, resp))
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    att = torch.zeros((n, width), dtype=torch.long)
+    lm = torch.zeros((n, width), dtype=torch.float32)
+    old = torch.zeros((n, width), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompts, resp)):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        att[i, :len(p) + len(r)] = 1
+        lm[i, len(p):len(p) + len(r)] = torch.tensor(mask[i], dtype=torch.float32)
+        old[i, len(p):len(p) + len(r)] = torch.tensor(logps[i], dtype=torch.float32)
+    return {"input_ids": ids, "attention_mask": att, "loss_mask": lm, "old_logp": old}

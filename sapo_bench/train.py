@@ -1,0 +1,199 @@
+"""sapo-train: one run = one (model, algo, seed), configured by Hydra (conf/config.yaml).
+
+    sapo-train experiment=micro_smoke
+    sapo-train model=llama-micro-4m algo=sapo seed=1 train.max_steps=60
+
+A run lives in its own folder (`run_dir`, named by model, algo and seed, so that starting the same
+run again finds it): metrics.jsonl (one line per training step and per validation), checkpoints/,
+config.yaml, and result.json once it has finished. Started again, a finished run is skipped and an
+interrupted one resumes from checkpoints/last.ckpt.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from sapo_bench.algos import Algo
+from sapo_bench.data import load_eval, load_train_and_validation
+from sapo_bench.io import atomic_write_json, atomic_write_text
+from sapo_bench.module import SearchAgentRLModule, TrainConfig
+from sapo_bench.retrieval import build_retriever
+from sapo_bench.rollout import RolloutConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger("sapo_bench")
+
+
+class JsonlLogger(Logger):
+    """metrics.jsonl: one JSON object per logging call, appended and flushed as it happens."""
+
+    def __init__(self, run_dir: str):
+        super().__init__()
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    @property
+    def name(self):
+        return "jsonl"
+
+    @property
+    def version(self):
+        return 0
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass  # train() writes the resolved config.yaml itself
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"optimizer_step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+            f.flush()
+
+    @rank_zero_only
+    def truncate(self, last_step: int) -> None:
+        """Forget lines past `last_step` (a resumed run replays those steps)."""
+        if self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("train/step", 0) <= last_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
+
+class RetryingRetriever:
+    """Retries a failing retriever, then stops the run with a clear error (its checkpoint stays)."""
+
+    def __init__(self, inner, tries: int = 3, wait: float = 2.0):
+        self.inner, self.tries, self.wait = inner, tries, wait
+
+    def search(self, queries, k=3):
+        for attempt in range(1, self.tries + 1):
+            try:
+                return self.inner.search(queries, k)
+            except Exception as e:  # noqa: BLE001 - any failure of the tool is retried the same way
+                if attempt == self.tries:
+                    raise RuntimeError(f"retriever failed {self.tries} times, stopping the run "
+                                       f"(the last checkpoint is kept): {e}") from e
+                log.warning("retriever failed (%s), retry %d/%d", e, attempt, self.tries - 1)
+                time.sleep(self.wait * attempt)
+
+
+def _git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=CONF_DIR.parent,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=CONF_DIR.parent).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of what was run: the resolved config without where it was written."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for k in ("run_dir", "out_root", "hydra"):
+        c.pop(k, None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_data(cfg: DictConfig) -> None:
+    """The micro world is generated on first use (seconds); real datasets must already exist."""
+    if cfg.data.kind == "micro" and not (Path(cfg.data.root) / "world.json").exists():
+        from sapo_bench.world import WorldConfig, write_world
+
+        write_world(cfg.data.root, WorldConfig(seed=cfg.data.world_seed, scale=cfg.data.world_scale))
+
+
+def load_policy_for(cfg: DictConfig, retriever, rcfg: RolloutConfig):
+    """(model, tokenizer, warm-start report or None)."""
+    if cfg.model.kind == "micro":
+        from sapo_bench.warmstart import WarmStartConfig, warm_start
+
+        return warm_start(cfg.model.name, cfg.data.root, retriever, rcfg, WarmStartConfig(**cfg.warmstart),
+                          seed=cfg.data.world_seed)
+    from sapo_bench.models import load_policy
+
+    model, tok = load_policy(cfg.model)
+    return model, tok, None
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run (or resume, or skip) one training run; returns its result.json content."""
+    run_dir = Path(cfg.run_dir)
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        log.info("%s is finished; skipping (delete result.json to run it again)", run_dir)
+        return json.loads(result_path.read_text())
+    start = time.time()
+    algo = Algo.from_config(OmegaConf.to_container(cfg.algo, resolve=True))
+    rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=bool(cfg.model.chat_template))
+    tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    prepare_data(cfg)
+    retriever = RetryingRetriever(build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True)))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model, tokenizer, warm = load_policy_for(cfg, retriever, rcfg)
+    torch.manual_seed(cfg.seed)  # the value head (PPO) is the only fresh weight: seed it per run
+    ref = copy.deepcopy(model).eval()
+    train_set, val_sets = load_train_and_validation(cfg.data.source, tuple(cfg.data.train), n_val=cfg.data.n_val)
+    test_sets = load_eval(cfg.data.source, limit=cfg.data.test_limit)
+    module = SearchAgentRLModule(model, tokenizer, ref, retriever, algo, train_set, val_sets, test_sets, rcfg, tcfg,
+                                 seed=cfg.seed, eval_batch_size=cfg.eval.batch_size)
+    logger = hydra.utils.instantiate(cfg.logger)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                  every_n_train_steps=cfg.checkpoint_every * module.opt_steps_per_rollout)
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), max_epochs=-1, logger=logger,
+                        callbacks=[checkpoints], enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, val_check_interval=cfg.eval.val_every, check_val_every_n_epoch=None,
+                        log_every_n_steps=1,
+                        default_root_dir=str(run_dir))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        log.info("resuming %s from %s", run_dir, last)
+    module.resume_hook = getattr(logger, "truncate", None)
+    trainer.fit(module, ckpt_path=str(last) if last.exists() else None)
+    trainer.test(module, verbose=False)
+    test = module.test_results
+    summary = module.run_summary()
+    em = {d: r["em"] for d, r in test.items()}
+    result = {
+        "run": {"model": cfg.model.name, "family": cfg.model.family, "size": str(cfg.model.size), "algo": algo.name,
+                "seed": cfg.seed, "steps": summary["steps"], "git_commit": _git_commit(), "config_hash": config_hash(cfg),
+                "collapse_step": summary["collapse_step"], "collapsed_reason": summary["collapsed_reason"],
+                "nonfinite_skipped": summary["nonfinite_skipped"], "data": cfg.data.kind,
+                "machine": platform.node(), "device": str(module.device), "torch": torch.__version__,
+                "wall_s": round(time.time() - start, 1)},
+        "test": test,
+        "test_em_avg": sum(em.values()) / max(len(em), 1),
+        "warmstart": warm["test"] if warm else None,
+    }
+    if trainer.is_global_zero:
+        atomic_write_json(result_path, result)
+    return result
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    result = train(cfg)
+    print(json.dumps({"run_dir": cfg.run_dir, "test_em_avg": round(result["test_em_avg"], 4),
+                      "collapse_step": result["run"]["collapse_step"]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""End to end on a tiny world: warm start, GRPO/SAPO/PPO steps, test, result.json; kill and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sapo_bench.train import train
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+REQUIRED = ["train/reward_mean", "is_ratio/mean", "is_ratio/min", "is_ratio/frac_below_tau",
+            "is_ratio/pos_frac_below_tau", "isdd/frac_seq_prod_below_eps", "loss/policy", "loss/clip_frac",
+            "loss/ref_kl", "policy/entropy", "rollout/searches_mean", "rollout/invalid_frac", "rollout/response_len"]
+
+
+def tiny_overrides(tmp, algo="grpo", steps=2):
+    return [f"algo={algo}", f"out_root={tmp}/runs", f"data.root={tmp}/world", "data.world_scale=0.05",
+            f"train.max_steps={steps}", "train.prompts_per_step=2", "train.group_size=3", "train.mini_batch_size=3",
+            "train.micro_batch_size=3", "warmstart.questions=32", "warmstart.epochs=1", "warmstart.eval_limit=4",
+            "data.n_val=4", "data.test_limit=4", "eval.val_every=2", "checkpoint_every=1",
+            "rollout.max_new_tokens=8", "rollout.max_turns=2", "rollout.max_response_tokens=120"]
+
+
+def tiny_cfg(tmp, **kw):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=tiny_overrides(tmp, **kw))
+
+
+def lines(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo", ["sapo", "ppo"])
+def test_a_tiny_run_end_to_end(tmp_path, algo):
+    cfg = tiny_cfg(tmp_path, algo=algo)
+    result = train(cfg)
+    run = Path(cfg.run_dir)
+    saved = json.loads((run / "result.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["run"]["algo"] == algo and saved["run"]["steps"] == 2 and saved["run"]["seed"] == 0
+    assert set(saved["test"]) == {"nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle"}
+    assert all(0 <= r["em"] <= 1 and r["n"] == 4 for r in saved["test"].values())
+    assert saved["run"]["config_hash"] and saved["run"]["git_commit"]
+    steps = [m for m in lines(run) if "train/reward_mean" in m]
+    assert [m["train/step"] for m in steps] == [1.0, 2.0]
+    for name in REQUIRED:
+        assert name in steps[0], name
+    assert steps[0]["train/optimizer_steps"] == 2  # 6 responses in mini-batches of 3: off-policy structure
+    if algo == "sapo":
+        assert "loss/sapo_term" in steps[0]
+    else:
+        assert "loss/value" in steps[0]
+    assert any("val/em" in m for m in lines(run))
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / "config.yaml").exists()
+    # started again, a finished run is skipped, not redone
+    mtime = (run / "result.json").stat().st_mtime
+    train(cfg)
+    assert (run / "result.json").stat().st_mtime == mtime
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
+    steps = 4
+    args = tiny_overrides(tmp_path, steps=steps) + ["eval.val_every=100"]
+    ref_args = [a.replace(f"out_root={tmp_path}/runs", f"out_root={tmp_path}/ref") for a in args]
+    subprocess.run([sys.executable, "-m", "sapo_bench.train", *ref_args], check=True, capture_output=True)
+    ref_dir = next((tmp_path / "ref").rglob("result.json")).parent
+    proc = subprocess.Popen([sys.executable, "-m", "sapo_bench.train", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    run_dir = None
+    while time.time() < deadline:
+        found = list((tmp_path / "runs").rglob("metrics.jsonl"))
+        if found and sum('"train/reward_mean"' in line for line in found[0].read_text().splitlines()) >= 2:
+            run_dir = found[0].parent
+            break
+        time.sleep(0.2)
+    assert run_dir is not None, "the run never reached step 2"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "result.json").exists()
+    subprocess.run([sys.executable, "-m", "sapo_bench.train", *args], check=True, capture_output=True)
+    got = [m for m in lines(run_dir) if "train/reward_mean" in m]
+    want = [m for m in lines(ref_dir) if "train/reward_mean" in m]
+    assert [m["train/step"] for m in got] == list(map(float, range(1, steps + 1)))
+    for g, w in zip(got, want):
+        for key in ("train/reward_mean", "loss/policy", "is_ratio/mean", "policy/entropy"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (g["train/step"], key)
+    a = json.loads((run_dir / "result.json").read_text())["test"]
+    b = json.loads((ref_dir / "result.json").read_text())["test"]
+    assert a == b
