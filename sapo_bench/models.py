@@ -29,6 +29,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from sapo_bench import prompts
+from sapo_bench.retrieval import Passage, format_passages
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -108,12 +109,6 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def _passage_block(passages: list[str]) -> str:
-    """Retrieved passages as Search-R1 formats them: Doc k(Title: title) text."""
-    return "".join(f"Doc {k}(Title: {p.split(chr(10), 1)[0]}) {p.split(chr(10), 1)[-1]}\n"
-                   for k, p in enumerate(passages, 1))
-
-
 def _micro_texts(world_dir: Path) -> Iterator[str]:
     """Everything the micro policy will read or write, so all of it compresses well."""
     corpus = {r["id"]: r["contents"] for r in _read_jsonl(world_dir / "corpus.jsonl")}
@@ -135,7 +130,8 @@ def _micro_texts(world_dir: Path) -> Iterator[str]:
         for pid in chain:
             title = corpus[pid].split("\n", 1)[0]
             docs = [corpus[pid], corpus[ids[(i * 7 + 1) % len(ids)]], corpus[ids[(i * 13 + 2) % len(ids)]]]
-            text += f"<search> {title} </search>" + prompts.observation(_passage_block(docs), ("search_r1", "sapo")[i % 2])
+            hits = [Passage("", *(d.split("\n", 1) + [""])[:2]) for d in docs]
+            text += f"<search> {title} </search>" + prompts.observation(format_passages(hits), ("search_r1", "sapo")[i % 2])
             text += f"<think> {title} is mentioned above. </think>\n"
         yield text + f"<answer> {row['golden_answers'][0]} </answer>"
         if i % 10 == 0:

@@ -6,8 +6,8 @@
     GET /health -> 200 {"status": "ok", "passages": N, "method": "bm25" | "dense"}
 
 Every error is a JSON `{"error": "..."}`: 413 for a body over the byte limit, 400 for a request
-breaking another bound or the schema, 404/405 for a wrong path/method, 500 for an internal
-failure. A bad request never takes the server down.
+breaking another bound or the schema, 411 without a Content-Length, 404/405 for a wrong
+path/method, 500 for an internal failure. A bad request never takes the server down.
 """
 
 from __future__ import annotations

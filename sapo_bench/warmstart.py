@@ -43,10 +43,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WarmStartConfig:
-    questions: int = 3000
-    epochs: int = 2
-    lr: float = 2e-3
-    batch_size: int = 32
+    questions: int = 2000
+    epochs: int = 3
+    lr: float = 3e-3
+    batch_size: int = 8
     p_no_search: float = 0.1
     p_wrong_entity: float = 0.1
     p_stop_early: float = 0.3

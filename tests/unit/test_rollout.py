@@ -8,7 +8,7 @@ import torch
 from sapo_bench.prompts import INVALID_ACTION, make_prompt
 from sapo_bench.rollout import HFEngine, RolloutConfig, ScriptedEngine, parse_action, rollout
 
-CFG = RolloutConfig(max_turns=2, max_new_tokens=40, max_obs_tokens=120, max_response_tokens=400)
+CFG = RolloutConfig(max_turns=2, max_new_tokens=40, max_obs_tokens=400, max_response_tokens=1000)
 
 
 def run(tok, retriever, scripts, cfg=CFG, questions=None):
