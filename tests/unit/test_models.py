@@ -33,15 +33,13 @@ def load(path):
 
 
 @pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-world")
-    write_world(out, WorldConfig(seed=0, scale=0.05))
-    return out
+def tiny_world(small_world):
+    return small_world
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_world):
-    return micro_tokenizer(tiny_world, SMALL_VOCAB)
+def tok(micro_tok):
+    return micro_tok
 
 
 # --- configs ---------------------------------------------------------------------------------------
