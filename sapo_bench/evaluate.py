@@ -73,7 +73,10 @@ def run_eval(cfg: DictConfig) -> dict:
     from sapo_bench.retrieval import build_retriever
     from sapo_bench.train import RetryingRetriever
 
+    from sapo_bench.train import set_threads
+
     start = time.time()
+    set_threads(cfg)
     rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=bool(cfg.model.chat_template))
     retriever = RetryingRetriever(build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True)))
     model, tok = _policy(cfg, retriever, rcfg)

@@ -111,6 +111,11 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def set_threads(cfg: DictConfig) -> None:
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
+
+
 def prepare_data(cfg: DictConfig) -> None:
     """The micro world is generated on first use (seconds); real datasets must already exist."""
     if cfg.data.kind == "micro" and not (Path(cfg.data.root) / "world.json").exists():
@@ -140,6 +145,7 @@ def train(cfg: DictConfig) -> dict:
         log.info("%s is finished; skipping (delete result.json to run it again)", run_dir)
         return json.loads(result_path.read_text())
     start = time.time()
+    set_threads(cfg)
     algo = Algo.from_config(OmegaConf.to_container(cfg.algo, resolve=True))
     rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=bool(cfg.model.chat_template))
     tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from sapo_bench.evaluate import run_eval
 from sapo_bench.train import train
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -62,6 +63,12 @@ def test_a_tiny_run_end_to_end(tmp_path, algo):
     mtime = (run / "result.json").stat().st_mtime
     train(cfg)
     assert (run / "result.json").stat().st_mtime == mtime
+    # sapo-eval on the run's checkpoint reproduces the run's own test numbers
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        ecfg = compose(config_name="config", overrides=tiny_overrides(tmp_path, algo=algo) +
+                       [f"checkpoint={run}/checkpoints/last.ckpt", f"out={tmp_path}/eval.json"])
+    evaluated = run_eval(ecfg)
+    assert json.loads((tmp_path / "eval.json").read_text())["test"] == evaluated["test"] == saved["test"]
 
 
 @pytest.mark.slow
