@@ -278,6 +278,9 @@ class SearchAgentRLModule(L.LightningModule):
                     a, i, k = att[sel, :width], ids[sel, :width], mask[sel, :width]
                     logp, ent, values = token_logp(self.policy, i, a, self.rcfg.temperature, mask=k, entropy=True,
                                                    value_head=self.value_head)
+                    if not (torch.isfinite(logp).all() and torch.isfinite(ent).all()):
+                        finite = False  # a diverged policy: skip this step rather than crash on it
+                        break
                     a_sel = adv[sel] if adv.dim() == 1 else adv[sel, :width]
                     out = policy_loss(self.algo.loss, logp=logp, old_logp=old_logp[sel, :width], advantages=a_sel,
                                       mask=k, **self.algo.loss_params)

@@ -102,3 +102,49 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     a = json.loads((run_dir / "result.json").read_text())["test"]
     b = json.loads((ref_dir / "result.json").read_text())["test"]
     assert a == b
+
+
+def test_non_finite_losses_are_skipped_counted_and_mark_the_run_collapsed(tmp_path, monkeypatch):
+    import torch
+
+    from sapo_bench import module
+
+    from sapo_bench.train import load_policy_for, prepare_data
+    from sapo_bench.rollout import RolloutConfig
+    from sapo_bench.retrieval import build_retriever
+
+    cfg = tiny_cfg(tmp_path, steps=3)
+    prepare_data(cfg)  # warm start first (cached), so only the RL updates see the divergence
+    load_policy_for(cfg, build_retriever("bm25", corpus_path=cfg.data.corpus),
+                    RolloutConfig(**cfg.rollout, chat_template=False))
+    real = module.token_logp
+
+    def diverged(*args, **kwargs):
+        lp, ent, val = real(*args, **kwargs)
+        return (lp * float("nan"), ent, val) if torch.is_grad_enabled() else (lp, ent, val)
+
+    monkeypatch.setattr(module, "token_logp", diverged)
+    cfg.train.nonfinite_patience = 2
+    result = train(cfg)  # recorded, not crashed
+    assert result["run"]["collapsed_reason"] == "nonfinite"
+    assert result["run"]["nonfinite_skipped"] == 2 and result["run"]["steps"] == 1
+    steps = [m for m in lines(cfg.run_dir) if "train/reward_mean" in m]
+    assert steps[-1]["train/optimizer_steps"] == 0 and steps[-1]["train/collapsed"] == 1.0
+
+
+def test_a_failing_retriever_is_retried_then_stops_with_a_clear_error():
+    from sapo_bench.train import RetryingRetriever
+
+    class Flaky:
+        calls = 0
+
+        def search(self, queries, k=3):
+            self.calls += 1
+            if self.calls < 3:
+                raise ConnectionError("down")
+            return [[] for _ in queries]
+
+    flaky = Flaky()
+    assert RetryingRetriever(flaky, tries=3, wait=0).search(["q"]) == [[]] and flaky.calls == 3
+    with pytest.raises(RuntimeError, match="retriever failed 2 times, stopping the run .*last checkpoint is kept.*down"):
+        RetryingRetriever(Flaky(), tries=2, wait=0).search(["q"])
