@@ -231,7 +231,7 @@ class SearchAgentRLModule(L.LightningModule):
         rewards = torch.tensor([0.0 if a is None else self.metric(a, g) for a, g in zip(batch.answers, golds)], device=dev)
         group = torch.arange(len(rows), device=dev).repeat_interleave(self.cfg.group_size)
         old_logp = batch.old_logp.to(dev)
-        values = old_values = returns = None
+        old_values = returns = None
         if self.cfg.recompute_old_logp or self.value_head is not None:
             lp, old_values = self._forward_all(self.policy, ids, att, mask, self.value_head is not None)
             if self.cfg.recompute_old_logp:

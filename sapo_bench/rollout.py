@@ -139,7 +139,7 @@ class HFEngine:
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # Only a token whose text contains ">" can complete a stop string: check just those.
-        self._closing = torch.tensor(["<" in s or ">" in s for s in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))])
+        self._closing = torch.tensor([">" in s for s in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))])
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._stop_window = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in STOP_STRINGS) + 1
 
