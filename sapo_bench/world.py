@@ -253,8 +253,9 @@ def _hop(e: Entity, key: str) -> tuple[Entity, tuple[Entity, str]]:
     return t, (e, t.name)
 
 
-def _year(e: Entity) -> tuple[Entity, str]:
-    return e, str(e.attrs["year"] if "year" in e.attrs else e.attrs["birth_year"])
+def _year(e: Entity) -> str:
+    """A work's or organisation's year, or a person's birth year."""
+    return str(e.attrs["year"] if "year" in e.attrs else e.attrs["birth_year"])
 
 
 def _single(text, key):
@@ -293,10 +294,10 @@ def _path(text, keys, qtype, last=None):
 def _first(text):
     """Comparison: which of two was born / founded / released first (years must differ)."""
     def make(a, b):
-        (_, ya), (_, yb) = _year(a), _year(b)
+        ya, yb = _year(a), _year(b)
         if ya == yb:
             return None
-        return Question(text(a, b), a if int(ya) < int(yb) else b, [a, b], [_year(a), _year(b)], "comparison")
+        return Question(text(a, b), a if int(ya) < int(yb) else b, [a, b], [(a, ya), (b, yb)], "comparison")
     return make
 
 
@@ -312,7 +313,6 @@ def _demonym(c: Entity) -> str:
 
 
 N = lambda e: e.name  # noqa: E731
-YEAR = lambda e: str(e.attrs.get("year", e.attrs.get("birth_year")))  # noqa: E731
 # name -> (subject kind, pair, builder): pair is None for one subject, "any" for a random second
 # subject, or an attribute that the second subject shares half the time (balanced yes/no). Each dataset uses its own templates; the
 # Bamboogle mirror's are used nowhere else, as the real Bamboogle's are unlike any training set.
@@ -322,7 +322,7 @@ TEMPLATES = {
         "founder": ("org", None, _single(lambda e: f"who founded {e.name.lower()}", "founder")),
         "director": ("film", None, _single(lambda e: f"who directed {e.name.lower()}", "maker")),
         "capital": ("country", None, _single(lambda e: f"what is the capital of {e.name.lower()}", "capital")),
-        "founded": ("org", None, _literal(lambda e: f"when was {e.name.lower()} founded", YEAR)),
+        "founded": ("org", None, _literal(lambda e: f"when was {e.name.lower()} founded", _year)),
     },
     "triviaqa": {
         "birthplace": ("person", None, _single(lambda e: f"Which city was {e.name} born in?", "birthplace")),
@@ -340,7 +340,7 @@ TEMPLATES = {
     },
     "hotpotqa": {
         "director_birthplace": ("film", None, _path(lambda e: f"In which city was the director of {e.name} born?", ["maker", "birthplace"], "bridge")),
-        "employer_founded": ("person", None, _path(lambda e: f"In what year was the company that {e.name} worked for founded?", ["employer"], "bridge", YEAR)),
+        "employer_founded": ("person", None, _path(lambda e: f"In what year was the company that {e.name} worked for founded?", ["employer"], "bridge", _year)),
         "author_nationality": ("book", None, _path(lambda e: f"What nationality is the author of {e.name}?", ["maker"], "bridge", lambda p: _demonym(p.attrs["nationality"]))),
         "born_first": ("person", "any", _first(lambda a, b: f"Who was born first, {a.name} or {b.name}?")),
         "same_hq": ("org", "hq", _same(lambda a, b: f"Are {a.name} and {b.name} headquartered in the same city?", "hq", N)),
@@ -354,15 +354,15 @@ TEMPLATES = {
     },
     "musique": {
         "director_country": ("film", None, _path(lambda e: f"In which country was the director of {e.name} born?", ["maker", "birthplace", "country"], "chain")),
-        "spouse_employer_founded": ("person", None, _path(lambda e: f"When was the company that employed the spouse of {e.name} founded?", ["spouse", "employer"], "chain", YEAR)),
+        "spouse_employer_founded": ("person", None, _path(lambda e: f"When was the company that employed the spouse of {e.name} founded?", ["spouse", "employer"], "chain", _year)),
         "author_employer_founder": ("book", None, _path(lambda e: f"Who founded the company that employed the author of {e.name}?", ["maker", "employer", "founder"], "chain")),
         "founder_country": ("org", None, _path(lambda e: f"In which country was the founder of {e.name} born?", ["founder", "birthplace", "country"], "chain")),
     },
     "bamboogle": {
-        "author_birth_year": ("book", None, _path(lambda e: f"What year was the writer of {e.name} born?", ["maker"], "compositional", YEAR)),
+        "author_birth_year": ("book", None, _path(lambda e: f"What year was the writer of {e.name} born?", ["maker"], "compositional", _year)),
         "hq_country": ("org", None, _path(lambda e: f"Which country is home to the city where {e.name} has its headquarters?", ["hq", "country"], "compositional")),
         "founder_spouse": ("org", None, _path(lambda e: f"Who is married to the person who founded {e.name}?", ["founder", "spouse"], "compositional")),
-        "filmmaker_birth_year": ("film", None, _path(lambda e: f"In which year was the filmmaker behind {e.name} born?", ["maker"], "compositional", YEAR)),
+        "filmmaker_birth_year": ("film", None, _path(lambda e: f"In which year was the filmmaker behind {e.name} born?", ["maker"], "compositional", _year)),
     },
 }
 
