@@ -18,7 +18,15 @@ endif
 comma := ,
 STAMP := $(VENV)/.installed-$(TORCH)-$(subst $(comma),_,$(EXTRAS))
 
-.PHONY: install install-smollm2 test test-all reproduce lock clean
+# `make reproduce`: the micro tables from nothing (world, index, tokenizer, warm starts, runs, report).
+# Runs are resumable: run it again after an interruption and it picks up where it stopped.
+#   REPRODUCE  the experiments (conf/experiment/) to sweep and tabulate
+#   JOBS       runs at a time (default: one per CPU core, as cpu_threads is 1; one per GPU)
+REPRODUCE ?= micro_main
+JOBS ?=
+JOBS_FLAG := $(if $(JOBS),--jobs $(JOBS),)
+
+.PHONY: install install-smollm2 test test-all reproduce smoke lock clean
 
 install: $(STAMP)
 
@@ -40,8 +48,15 @@ test: install
 test-all: install
 	$(PY) -m pytest -m ''
 
+# A failed run does not stop the sweep; the report still runs (and names it); make then fails.
 reproduce: install
-	$(VENV)/bin/sapo-report
+	$(VENV)/bin/sapo-sweep $(REPRODUCE) $(JOBS_FLAG); status=$$?; \
+	$(VENV)/bin/sapo-report $(REPRODUCE) || status=1; exit $$status
+
+# The same table structure in a few minutes, into results/smoke/ (not committed).
+smoke: install
+	$(VENV)/bin/sapo-sweep micro_smoke $(JOBS_FLAG); status=$$?; \
+	$(VENV)/bin/sapo-report micro_smoke --out results/smoke || status=1; exit $$status
 
 # Re-resolve every dependency from scratch and rewrite constraints/lock.txt.
 lock:

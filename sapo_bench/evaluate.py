@@ -2,7 +2,7 @@
 
     sapo-eval model=qwen2.5-3b-instruct data=flashrag retriever=http rollout=search_r1 \\
         model.hub_id=PeterJinGo/SearchR1-nq_hotpotqa_train-qwen2.5-3b-em-ppo
-    sapo-eval checkpoint=runs/micro/qwen2-micro-1m/sapo/seed0/checkpoints/last.ckpt
+    sapo-eval checkpoint=runs/micro/default/qwen2-micro-1m/sapo/seed0/checkpoints/last.ckpt
 
 `checkpoint` may be a Lightning checkpoint of a sapo-train run (its model config is read from the
 run's config.yaml), a folder saved with save_pretrained, or omitted (the model config's own weights:

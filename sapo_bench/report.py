@@ -1,22 +1,33 @@
-"""Tables from results. For now: the published numbers, rendered as the papers print them.
+"""sapo-report: paper-style tables and figures from the runs of experiments.
 
-    sapo-report [--reference results/reference/published_results.csv] [--out results/tables]
+    sapo-report micro_main micro_ablation               # results/tables/<exp>.{md,csv,tex}, results/figures/
+    sapo-report micro_smoke out_root=runs/x --out results/smoke   # the overrides the sweep was given
+    sapo-report                                          # the published numbers only
 
-Writes published.{md,csv,tex}. Averages are recomputed from the seven columns (1-hop = NQ,
-TriviaQA, PopQA; multi-hop = the other four; Avg = all seven), never read from a paper, and are
-left blank where a paper reports fewer than all of their datasets.
+An experiment's runs are found exactly as sapo-sweep finds them (the same grid, the same overrides),
+so a table lists every run it should have: finished ones in the cells, failed or missing ones
+named under it. Measured tables: rows backbone x method; columns the seven test sets, the 1-hop,
+multi-hop and overall averages (recomputed, unweighted); cells mean ± std over seeds with n; the
+difference of each method's average to the baseline row (GRPO, i.e. Search-R1) on the same
+backbone, paired by seed, with a 95% t-interval; collapsed runs flagged. The published numbers
+(results/reference/) go to a separate table, published.{md,csv,tex}, never into measured cells.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import math
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from sapo_bench.data import DATASETS, DISPLAY, MULTI_HOP, SINGLE_HOP
 from sapo_bench.io import atomic_write_text
+from sapo_bench.sweep import Run, compose_config, expand, split_args
 
 REFERENCE_COLUMNS = ["source", "table", "backbone", "method", "dataset", "metric", "value", "note"]
 METRICS = ("em", "f1")
@@ -112,12 +123,196 @@ def write_published(reference: Path, out: Path) -> list[Path]:
     return written
 
 
+# --- measured tables --------------------------------------------------------------------------
+
+SUMMARY = list(AVERAGES)  # "1-hop", "multi-hop", "avg"
+WARM_START = "warm start"
+
+
+def run_rows(runs: list[Run]) -> pd.DataFrame:
+    """One row per run of the grid: what it is, its state, and its test EM/F1 per dataset."""
+    rows = []
+    for r in runs:
+        state = r.state()
+        row = {"backbone": r.cfg.model.name, "family": r.cfg.model.family, "size": str(r.cfg.model.size),
+               "method": r.cfg.algo.name, "seed": int(r.cfg.seed), "state": state, "run_dir": str(r.run_dir),
+               "error": r.error() if state == "failed" else None, "collapse_step": None, "result": None}
+        if state == "done":
+            result = json.loads((r.run_dir / "result.json").read_text())
+            row.update(result=result, collapse_step=result["run"]["collapse_step"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def scores(results: list[dict], metric: str, key: str = "test") -> pd.DataFrame:
+    """Per-run scores: the seven datasets and the averages as columns."""
+    wide = pd.DataFrame([{d: v[metric] for d, v in (res[key] or {}).items()} for res in results])
+    return with_averages(wide)
+
+
+def paired_difference(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean of per-seed differences and its 95% t-interval (NaN bounds with fewer than 2 pairs)."""
+    from scipy import stats
+
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = pd.Series(diffs).std(ddof=1)
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def measured_table(runs: pd.DataFrame, baseline: str = "grpo", metric: str = "em") -> pd.DataFrame:
+    """Rows (backbone, method) in grid order, a warm-start row first where runs report one."""
+    out = []
+    done = runs[runs.state == "done"]
+    for backbone in dict.fromkeys(runs.backbone):
+        mine = done[done.backbone == backbone]
+        warm = [res["warmstart"] for res in mine.result if res.get("warmstart")]
+        if warm:
+            w = with_averages(pd.DataFrame([{d: v[metric] for d, v in warm[0].items()}])).iloc[0]
+            out.append({"backbone": backbone, "method": WARM_START, "n": 1, "n_runs": 1,
+                        **{f"{c}_mean": w[c] for c in w.index}, **{f"{c}_std": math.nan for c in w.index}})
+        base = mine[mine.method == baseline]
+        base_avg = dict(zip(base.seed, scores(list(base.result), metric).avg)) if len(base) else {}
+        for method in dict.fromkeys(runs[runs.backbone == backbone].method):
+            sub = mine[mine.method == method]
+            row = {"backbone": backbone, "method": method, "n": len(sub),
+                   "n_runs": int(((runs.backbone == backbone) & (runs.method == method)).sum())}
+            if len(sub):
+                sc = scores(list(sub.result), metric)
+                row.update({f"{c}_mean": sc[c].mean() for c in sc.columns})
+                row.update({f"{c}_std": sc[c].std(ddof=1) if len(sc) > 1 else math.nan for c in sc.columns})
+                collapsed = sub[sub.collapse_step.notna()]
+                row["collapsed"] = len(collapsed)
+                row["collapse_steps"] = ",".join(str(int(s)) for s in collapsed.collapse_step)
+                pairs = [(a, base_avg[s]) for s, a in zip(sub.seed, sc.avg) if s in base_avg]
+                if method != baseline and pairs:
+                    d, lo, hi = paired_difference([a - b for a, b in pairs])
+                    b_mean = sum(b for _, b in pairs) / len(pairs)
+                    row.update(delta=d, delta_lo=lo, delta_hi=hi, n_pairs=len(pairs),
+                               delta_rel=d / b_mean if b_mean > 0 else math.nan)
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def _cell(mean, std, tex: bool = False) -> str:
+    if pd.isna(mean):
+        return "–"
+    pm = r" $\pm$ " if tex else " ± "
+    return f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f}{pm}{std:.3f}"
+
+
+def _signed(v, fmt="{:+.3f}") -> str:
+    return "" if v is None or pd.isna(v) else fmt.format(v)
+
+
+def display_rows(table: pd.DataFrame, baseline: str, tex: bool = False) -> tuple[list[str], list[list[str]]]:
+    cols = list(DATASETS) + SUMMARY
+    header = ["Backbone", "Method", "n"] + [DISPLAY.get(c, {"1-hop": "1-hop", "multi-hop": "Multi-hop",
+                                                            "avg": "Avg"}[c] if c in SUMMARY else c) for c in cols]
+    header += [f"Δ Avg vs {baseline}", "Δ %", "95% CI", "collapsed"]
+    rows = []
+    for _, r in table.iterrows():
+        method = r.method + ("†" if r.get("collapsed", 0) and r.collapsed > 0 else "")
+        n = "1" if r.method == WARM_START else f"{r.n}/{r.n_runs}" if r.n < r.n_runs else str(r.n)
+        cells = [_cell(r.get(f"{c}_mean"), r.get(f"{c}_std"), tex) for c in cols]
+        ci = "" if pd.isna(r.get("delta_lo", math.nan)) else f"[{r.delta_lo:+.3f}, {r.delta_hi:+.3f}]"
+        rel = _signed(r.get("delta_rel"), "{:+.0%}").replace("%", r"\%" if tex else "%")
+        collapsed = "" if r.method == WARM_START or r.n == 0 else (
+            f"{int(r.collapsed)}/{r.n}" + (f" (step {r.collapse_steps})" if r.collapsed else ""))
+        rows.append([r.backbone, method, n] + cells + [_signed(r.get("delta")), rel, ci, collapsed])
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def _tex_text(s: str) -> str:
+    return _tex(s).replace("Δ", r"$\Delta$").replace("†", r"$^\dagger$").replace("–", "--").replace("±", r"$\pm$")
+
+
+def latex_table(header: list[str], rows: list[list[str]], caption: str) -> str:
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\caption{" + _tex_text(caption) + "}",
+             r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
+             " & ".join(_tex_text(h) for h in header) + r" \\", r"\midrule"]
+    last = None
+    for r in rows:
+        if last is not None and r[0] != last:
+            lines.append(r"\midrule")
+        last = r[0]
+        lines.append(" & ".join([_tex_text(r[0]), _tex_text(r[1])] + [c if "$" in c else _tex_text(c) for c in r[2:]])
+                     + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def provenance(runs: pd.DataFrame, command: str) -> str:
+    done = runs[runs.state == "done"]
+    commits = sorted({r["run"]["git_commit"] for r in done.result})
+    machines = sorted({r["run"]["machine"] for r in done.result})
+    minutes = sum(r["run"]["wall_s"] for r in done.result) / 60
+    return (f"Made by `{command}` on {time.strftime('%Y-%m-%d')}. Runs: {len(done)} of {len(runs)} finished "
+            f"({minutes:.0f} run-minutes in all); code at commit {', '.join(commits) or '–'}; "
+            f"on {', '.join(machines) or '–'}.\n")
+
+
+def write_experiment(experiment: str, overrides: list[str], out: Path, command: str) -> list[Path]:
+    runs = run_rows(expand([experiment], overrides))
+    cfg = compose_config([f"experiment={experiment}", *overrides])
+    baseline, title = cfg.report.baseline, cfg.report.title or experiment
+    micro = cfg.data.kind == "micro"
+    table = measured_table(runs, baseline, "em")
+    header, rows = display_rows(table, baseline)
+    scope = ("Columns are the **micro world's mirrors** of the seven benchmarks (generated questions over a "
+             "fictional corpus, DESIGN §8), not the real datasets: compare methods within this table, never "
+             "with the papers' numbers." if micro else "Columns are the real test sets (FlashRAG).")
+    parts = [f"# {title} ({experiment})\n\n", provenance(runs, command), "\n", scope, "\n\n",
+             f"Test EM, mean ± std over n seeds. Δ: each method's average minus {baseline}'s on the same backbone, "
+             "paired by seed, with a 95% t-interval; Δ % is relative to the baseline. † marks rows with a collapsed "
+             "run (collapse detector, DESIGN §6): their cells include it. "
+             + (f"`{WARM_START}` is the supervised starting point every run of that backbone begins from.\n\n"
+                if micro else "\n\n"),
+             markdown_table(header, rows)]
+    missing = runs[runs.state != "done"]
+    if len(missing):
+        parts.append(f"\nNot in the cells ({len(missing)}):\n\n")
+        for _, r in missing.iterrows():
+            why = r.error or {"new": "not run yet", "partial": "interrupted (resumes when swept again)",
+                              "conflict": "its folder holds another configuration's result"}.get(r.state, r.state)
+            parts.append(f"* {r.backbone} / {r.method} / seed {r.seed}: {why}\n")
+    tables = out / "tables"
+    written = [tables / f"{experiment}.md", tables / f"{experiment}.csv", tables / f"{experiment}.tex"]
+    atomic_write_text(written[0], "".join(parts))
+    full = pd.concat([measured_table(runs, baseline, m).assign(metric=m) for m in METRICS], ignore_index=True)
+    atomic_write_text(written[1], full.to_csv(index=False, float_format="%.4f"))
+    caption = f"{title}. Test EM, mean ± std over seeds" + (" on the micro world's mirrors of the benchmarks"
+                                                                  if micro else "")
+    _, tex_rows = display_rows(table, baseline, tex=True)
+    atomic_write_text(written[2], latex_table(header, tex_rows, caption))
+    from sapo_bench.figures import experiment_figures
+
+    written += experiment_figures(experiment, title, runs, table, out / "figures")
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sapo-report", description=__doc__.splitlines()[0])
+    parser.add_argument("args", nargs="*", metavar="EXPERIMENT|OVERRIDE",
+                        help="experiments to tabulate and the Hydra overrides their sweep was given")
     parser.add_argument("--reference", type=Path, default=Path("results/reference/published_results.csv"))
-    parser.add_argument("--out", type=Path, default=Path("results/tables"))
-    args = parser.parse_args(argv)
-    for path in write_published(args.reference, args.out):
+    parser.add_argument("--out", type=Path, default=Path("results"), help="writes <out>/tables and <out>/figures")
+    a = parser.parse_intermixed_args(argv)
+    command = "sapo-report " + " ".join(sys.argv[1:] if argv is None else argv)
+    written = write_published(a.reference, a.out / "tables")
+    if a.args:
+        experiments, overrides = split_args(a.args)
+        for exp in experiments:
+            written += write_experiment(exp, overrides, a.out, command.strip())
+    for path in written:
         print(f"wrote {path}")
 
 

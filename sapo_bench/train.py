@@ -15,9 +15,11 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import platform
 import subprocess
 import time
+import traceback
 from pathlib import Path
 
 import hydra
@@ -30,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sapo_bench.algos import Algo
 from sapo_bench.data import load_eval, load_train_and_validation
-from sapo_bench.io import atomic_write_json, atomic_write_text
+from sapo_bench.io import atomic_write_json, atomic_write_text, file_lock
 from sapo_bench.module import SearchAgentRLModule, TrainConfig
 from sapo_bench.retrieval import build_retriever
 from sapo_bench.rollout import RolloutConfig
@@ -103,10 +105,26 @@ def _git_commit() -> str:
         return "unknown"
 
 
+# Keys that say where a run goes, how fast, or how a table shows it; not what it computes.
+NOT_IDENTITY = ("run_dir", "out_root", "hydra", "cpu_threads", "checkpoint_every", "checkpoint", "out", "report")
+
+
+def machine() -> str:
+    """What a run ran on, for the tables' provenance line: CPU model and cores, and the GPU if any."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu} ({os.cpu_count()} cores){gpu}"
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """Identity of what was run: the resolved config without where it was written."""
+    """Identity of what was run: the resolved config without where it was written or how fast."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    for k in ("run_dir", "out_root", "hydra"):
+    for k in NOT_IDENTITY:
         c.pop(k, None)
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -124,26 +142,72 @@ def prepare_data(cfg: DictConfig) -> None:
         write_world(cfg.data.root, WorldConfig(seed=cfg.data.world_seed, scale=cfg.data.world_scale))
 
 
+def prepare(cfg: DictConfig) -> None:
+    """Build what every run of a sweep shares (world, tokenizer, retrieval index) once, up front."""
+    prepare_data(cfg)
+    build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True))
+    if cfg.model.kind == "micro":
+        from sapo_bench.models import micro_tokenizer
+
+        micro_tokenizer(cfg.data.root)
+
+
 def load_policy_for(cfg: DictConfig, retriever, rcfg: RolloutConfig):
     """(model, tokenizer, warm-start report or None)."""
     if cfg.model.kind == "micro":
         from sapo_bench.warmstart import WarmStartConfig, warm_start
 
-        return warm_start(cfg.model.name, cfg.data.root, retriever, rcfg, WarmStartConfig(**cfg.warmstart),
-                          seed=cfg.data.world_seed)
+        # Parallel runs of one model wait for the first to build its warm start, then load it.
+        with file_lock(Path(cfg.data.root) / ".cache" / f"warmstart-{cfg.model.name}.lock"):
+            return warm_start(cfg.model.name, cfg.data.root, retriever, rcfg, WarmStartConfig(**cfg.warmstart),
+                              seed=cfg.data.world_seed)
     from sapo_bench.models import load_policy
 
     model, tok = load_policy(cfg.model)
     return model, tok, None
 
 
+class RunConflict(RuntimeError):
+    """A run folder already holds a finished run of a different configuration."""
+
+
+def finished_result(run_dir: Path, cfg_hash: str) -> dict | None:
+    """The finished result in run_dir, None if there is none; a different configuration's is an error."""
+    path = Path(run_dir) / "result.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    if result["run"].get("config_hash") != cfg_hash:
+        raise RunConflict(f"{path} holds a finished run of another configuration (config hash "
+                          f"{result['run'].get('config_hash')}, this one is {cfg_hash}); it is kept: move it away, "
+                          "or give this run another out_root or setting")
+    return result
+
+
 def train(cfg: DictConfig) -> dict:
-    """Run (or resume, or skip) one training run; returns its result.json content."""
+    """Run (or resume, or skip) one training run; returns its result.json content.
+
+    A failure leaves error.json (the traceback) beside the run's checkpoints, for the sweep and the
+    report to show; the next successful attempt removes it.
+    """
     run_dir = Path(cfg.run_dir)
-    result_path = run_dir / "result.json"
-    if result_path.exists():
+    done = finished_result(run_dir, config_hash(cfg))
+    if done is not None:
         log.info("%s is finished; skipping (delete result.json to run it again)", run_dir)
-        return json.loads(result_path.read_text())
+        return done
+    try:
+        result = _train(cfg, run_dir)
+    except Exception as e:
+        atomic_write_json(run_dir / "error.json", {"error": f"{type(e).__name__}: {e}",
+                                                   "traceback": traceback.format_exc()[-4000:],
+                                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        raise
+    (run_dir / "error.json").unlink(missing_ok=True)
+    return result
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    result_path = run_dir / "result.json"
     start = time.time()
     set_threads(cfg)
     algo = Algo.from_config(OmegaConf.to_container(cfg.algo, resolve=True))
@@ -183,7 +247,7 @@ def train(cfg: DictConfig) -> dict:
                 "seed": cfg.seed, "steps": summary["steps"], "git_commit": _git_commit(), "config_hash": config_hash(cfg),
                 "collapse_step": summary["collapse_step"], "collapsed_reason": summary["collapsed_reason"],
                 "nonfinite_skipped": summary["nonfinite_skipped"], "data": cfg.data.kind,
-                "machine": platform.node(), "device": str(module.device), "torch": torch.__version__,
+                "machine": machine(), "device": str(module.device), "torch": torch.__version__,
                 "wall_s": round(time.time() - start, 1)},
         "test": test,
         "test_em_avg": sum(em.values()) / max(len(em), 1),

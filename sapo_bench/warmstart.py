@@ -37,7 +37,8 @@ from sapo_bench.rewards import exact_match
 from sapo_bench.rollout import RolloutConfig, ScriptedEngine, rollout
 from sapo_bench.tensors import masked_mean
 
-FORMAT_VERSION = 1
+# 2: no <think> text in teacher turns (see _search).
+FORMAT_VERSION = 2
 log = logging.getLogger(__name__)
 
 
@@ -53,12 +54,16 @@ class WarmStartConfig:
     eval_limit: int = 100  # test questions per dataset for the reported warm-start EM
 
 
+# No <think> text: the micro template does not ask for it and the reward ignores it. Measured on
+# qwen2-micro-1m (2000 questions x 3 epochs): the boilerplate words cost ~0 loss once learnt, while
+# the name copies inside <think> were as unlearnt as the query/answer copies (~3 nats/token), and
+# they made sequences longer (SFT 154 s -> 117 s without them, with bucketing) at the same test EM.
 def _search(title: str) -> str:
-    return f"<think> I need to find {title}. </think>\n<search> {title} </search>"
+    return f"<search> {title} </search>"
 
 
 def _answer(text: str) -> str:
-    return f"<think> The answer is {text}. </think>\n<answer> {text} </answer>"
+    return f"<answer> {text} </answer>"
 
 
 def teacher_script(row: dict, titles: dict[str, str], all_titles: list[str], rng: random.Random,
@@ -99,12 +104,20 @@ def sft(model, batch, cfg: WarmStartConfig, seed: int) -> list[float]:
     n = batch.input_ids.shape[0]
     total = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / total))
+    lengths = batch.attention_mask.sum(-1)
     model.train()
     curve = []
     for _ in range(cfg.epochs):
-        order, losses = torch.randperm(n, generator=gen), []
-        for s in range(0, n, cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
+        # Length bucketing: sort each window of 16 batches by length, then shuffle the batches.
+        # Sequences run 60-340 tokens (one or two passage blocks), so random batches spend much time on
+        # padding to the longest of each batch; bucketing trains 1.7x more sequences per second at 1
+        # thread (measured on qwen2-micro-1m, batch 8: 164 vs 273 ms per step).
+        order = torch.randperm(n, generator=gen)
+        order = torch.cat([w[lengths[w].argsort(stable=True)] for w in order.split(16 * cfg.batch_size)])
+        batches = list(order.split(cfg.batch_size))
+        losses = []
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            idx = batches[b]
             width = int(batch.attention_mask[idx].sum(-1).max())
             ids, att, mask = batch.input_ids[idx, :width], batch.attention_mask[idx, :width], batch.loss_mask[idx, :width]
             logp, _, _ = token_logp(model, ids, att, mask=mask)
