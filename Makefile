@@ -51,12 +51,13 @@ test-all: install
 # A failed run does not stop the sweep; the report still runs (and names it); make then fails.
 reproduce: install
 	$(VENV)/bin/sapo-sweep $(REPRODUCE) $(JOBS_FLAG); status=$$?; \
-	$(VENV)/bin/sapo-report $(REPRODUCE) || status=1; exit $$status
+	$(VENV)/bin/sapo-report $(REPRODUCE) --made-by "make reproduce REPRODUCE='$(REPRODUCE)'" || status=1; \
+	exit $$status
 
 # The same table structure in a few minutes, into results/smoke/ (not committed).
 smoke: install
 	$(VENV)/bin/sapo-sweep micro_smoke $(JOBS_FLAG); status=$$?; \
-	$(VENV)/bin/sapo-report micro_smoke --out results/smoke || status=1; exit $$status
+	$(VENV)/bin/sapo-report micro_smoke --out results/smoke --made-by "make smoke" || status=1; exit $$status
 
 # Re-resolve every dependency from scratch and rewrite constraints/lock.txt.
 lock:

@@ -114,6 +114,8 @@ def datasets_figure(table: pd.DataFrame, title: str, path: Path) -> Path | None:
             ax.bar(xs, means, width, yerr=stds, color=colors[method], label=f"{method} (n={r.n})", capsize=2)
         ax.set_xticks(range(len(cols)), [DISPLAY.get(c, "Avg") for c in cols])
         ax.set_ylabel("test EM")
+        tops = [mine[f"{c}_mean"].fillna(0) + mine[f"{c}_std"].fillna(0) for c in cols]
+        ax.set_ylim(0, max(0.05, 1.15 * max(float(t.max()) for t in tops)))
         ax.set_title(backbone, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=len(methods))

@@ -27,7 +27,7 @@ import pandas as pd
 
 from sapo_bench.data import DATASETS, DISPLAY, MULTI_HOP, SINGLE_HOP
 from sapo_bench.io import atomic_write_text
-from sapo_bench.sweep import Run, compose_config, expand, split_args
+from sapo_bench.sweep import Run, expand, split_args
 
 REFERENCE_COLUMNS = ["source", "table", "backbone", "method", "dataset", "metric", "value", "note"]
 METRICS = ("em", "f1")
@@ -126,6 +126,8 @@ def write_published(reference: Path, out: Path) -> list[Path]:
 # --- measured tables --------------------------------------------------------------------------
 
 SUMMARY = list(AVERAGES)  # "1-hop", "multi-hop", "avg"
+# Below this baseline average a relative difference says nothing (0.0005 -> 0.02 is "+3900%").
+MIN_RELATIVE_BASE = 0.01
 WARM_START = "warm start"
 
 
@@ -192,7 +194,7 @@ def measured_table(runs: pd.DataFrame, baseline: str = "grpo", metric: str = "em
                     d, lo, hi = paired_difference([a - b for a, b in pairs])
                     b_mean = sum(b for _, b in pairs) / len(pairs)
                     row.update(delta=d, delta_lo=lo, delta_hi=hi, n_pairs=len(pairs),
-                               delta_rel=d / b_mean if b_mean > 0 else math.nan)
+                               delta_rel=d / b_mean if b_mean >= MIN_RELATIVE_BASE else math.nan)
             out.append(row)
     return pd.DataFrame(out)
 
@@ -251,18 +253,20 @@ def latex_table(header: list[str], rows: list[list[str]], caption: str) -> str:
 
 
 def provenance(runs: pd.DataFrame, command: str) -> str:
+    from sapo_bench.train import git_commit
+
     done = runs[runs.state == "done"]
-    commits = sorted({r["run"]["git_commit"] for r in done.result})
+    commits = sorted({r["run"]["git_commit"][:12] for r in done.result})
     machines = sorted({r["run"]["machine"] for r in done.result})
     minutes = sum(r["run"]["wall_s"] for r in done.result) / 60
     return (f"Made by `{command}` on {time.strftime('%Y-%m-%d')}. Runs: {len(done)} of {len(runs)} finished "
-            f"({minutes:.0f} run-minutes in all); code at commit {', '.join(commits) or '–'}; "
-            f"on {', '.join(machines) or '–'}.\n")
+            f"({minutes:.0f} run-minutes in all) at commit {', '.join(commits) or '–'} on {', '.join(machines) or '–'}; "
+            f"report at commit {git_commit()[:12]}.\n")
 
 
 def write_experiment(experiment: str, overrides: list[str], out: Path, command: str) -> list[Path]:
-    runs = run_rows(expand([experiment], overrides))
-    cfg = compose_config([f"experiment={experiment}", *overrides])
+    grid_runs = expand([experiment], overrides)
+    runs, cfg = run_rows(grid_runs), grid_runs[0].cfg
     baseline, title = cfg.report.baseline, cfg.report.title or experiment
     micro = cfg.data.kind == "micro"
     table = measured_table(runs, baseline, "em")
@@ -272,7 +276,8 @@ def write_experiment(experiment: str, overrides: list[str], out: Path, command: 
              "with the papers' numbers." if micro else "Columns are the real test sets (FlashRAG).")
     parts = [f"# {title} ({experiment})\n\n", provenance(runs, command), "\n", scope, "\n\n",
              f"Test EM, mean ± std over n seeds. Δ: each method's average minus {baseline}'s on the same backbone, "
-             "paired by seed, with a 95% t-interval; Δ % is relative to the baseline. † marks rows with a collapsed "
+             "paired by seed, with a 95% t-interval; Δ % is relative to the baseline (blank when the baseline is below "
+             f"{MIN_RELATIVE_BASE}). † marks rows with a collapsed "
              "run (collapse detector, DESIGN §6): their cells include it. "
              + (f"`{WARM_START}` is the supervised starting point every run of that backbone begins from.\n\n"
                 if micro else "\n\n"),
@@ -281,9 +286,10 @@ def write_experiment(experiment: str, overrides: list[str], out: Path, command: 
     if len(missing):
         parts.append(f"\nNot in the cells ({len(missing)}):\n\n")
         for _, r in missing.iterrows():
-            why = r.error or {"new": "not run yet", "partial": "interrupted (resumes when swept again)",
+            why = r.error if isinstance(r.error, str) else {"new": "not run yet", "partial": "interrupted (resumes when swept again)",
                               "conflict": "its folder holds another configuration's result"}.get(r.state, r.state)
-            parts.append(f"* {r.backbone} / {r.method} / seed {r.seed}: {why}\n")
+            why = " ".join(str(why).split())  # one line, however the error was written
+            parts.append(f"* {r.backbone} / {r.method} / seed {r.seed}: {why[:300]}\n")
     tables = out / "tables"
     written = [tables / f"{experiment}.md", tables / f"{experiment}.csv", tables / f"{experiment}.tex"]
     atomic_write_text(written[0], "".join(parts))
@@ -305,8 +311,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="experiments to tabulate and the Hydra overrides their sweep was given")
     parser.add_argument("--reference", type=Path, default=Path("results/reference/published_results.csv"))
     parser.add_argument("--out", type=Path, default=Path("results"), help="writes <out>/tables and <out>/figures")
+    parser.add_argument("--made-by", help="the command to name in the tables (default: this one)")
     a = parser.parse_intermixed_args(argv)
-    command = "sapo-report " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = a.made_by or "sapo-report " + " ".join(sys.argv[1:] if argv is None else argv)
     written = write_published(a.reference, a.out / "tables")
     if a.args:
         experiments, overrides = split_args(a.args)

@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+# The basic sweeper's own expansion, so that `sapo-sweep X` and `sapo-train -m experiment=X` agree.
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from sapo_bench.io import atomic_write_json
 from sapo_bench.train import CONF_DIR, RunConflict, config_hash, finished_result
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -90,7 +92,8 @@ def grid(experiment: str, overrides: list[str] = ()) -> list[list[str]]:
     parser = OverridesParser.create()
     given = parser.parse_overrides(list(overrides))
     keys = {o.get_key_element() for o in given}
-    params = compose_config([f"experiment={experiment}", *overrides], hydra_config=True).hydra.sweeper.params or {}
+    plain = [o.input_line for o in given if not o.is_sweep_override()]
+    params = compose_config([f"experiment={experiment}", *plain], hydra_config=True).hydra.sweeper.params or {}
     swept = parser.parse_overrides([f"{k}={v}" for k, v in params.items() if k not in keys])
     (batch,) = BasicSweeper.split_arguments(swept + given, max_batch_size=None)
     return [[f"experiment={experiment}", *job] for job in batch]
@@ -220,7 +223,12 @@ def sweep(runs: list[Run], jobs: int, out=print) -> dict[str, list[Run]]:
                 else:
                     progress.failed += 1
                     failed.append(run)
-                    err = run.error() or f"exit code {proc.returncode}; see {run.run_dir / 'train.log'}"
+                    if run.error() is None:  # killed before train() could say why (OOM, a signal)
+                        tail = (run.run_dir / "train.log").read_text(errors="replace")[-3000:]
+                        atomic_write_json(run.run_dir / "error.json", {
+                            "error": f"exit code {proc.returncode}; see {run.run_dir / 'train.log'}",
+                            "traceback": tail, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                    err = run.error()
                     verdict = f"FAILED {run.label}: {err}"
                 out(f"{progress.line(len(running), len(queue))} {verdict}")
     except KeyboardInterrupt:
@@ -230,7 +238,8 @@ def sweep(runs: list[Run], jobs: int, out=print) -> dict[str, list[Run]]:
             proc.wait()
         out("interrupted: run the same command again to resume")
         raise
-    done = [r for r in runs if r not in failed and r not in conflicts]
+    bad = {id(r) for r in failed + conflicts}
+    done = [r for r in runs if id(r) not in bad]
     return {"done": done, "failed": failed, "conflict": conflicts}
 
 

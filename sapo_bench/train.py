@@ -94,7 +94,7 @@ class RetryingRetriever:
                 time.sleep(self.wait * attempt)
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=CONF_DIR.parent,
                                 check=True).stdout.strip()
@@ -236,6 +236,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.exists():
         log.info("resuming %s from %s", run_dir, last)
+    else:  # a fresh start (or a retry of a run that failed before its first checkpoint) logs afresh
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     module.resume_hook = getattr(logger, "truncate", None)
     trainer.fit(module, ckpt_path=str(last) if last.exists() else None)
     trainer.test(module, verbose=False)
@@ -244,7 +246,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     em = {d: r["em"] for d, r in test.items()}
     result = {
         "run": {"model": cfg.model.name, "family": cfg.model.family, "size": str(cfg.model.size), "algo": algo.name,
-                "seed": cfg.seed, "steps": summary["steps"], "git_commit": _git_commit(), "config_hash": config_hash(cfg),
+                "seed": cfg.seed, "steps": summary["steps"], "git_commit": git_commit(), "config_hash": config_hash(cfg),
                 "collapse_step": summary["collapse_step"], "collapsed_reason": summary["collapsed_reason"],
                 "nonfinite_skipped": summary["nonfinite_skipped"], "data": cfg.data.kind,
                 "machine": machine(), "device": str(module.device), "torch": torch.__version__,

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from sapo_bench.report import load_published, published_table, write_published
@@ -39,3 +40,51 @@ def test_bad_reference_row_names_file_and_line(tmp_path, line, message):
     path.write_text(HEADER + "s,T1,b,m,nq,em,0.5,\n" + line)
     with pytest.raises(ValueError, match=message):
         load_published(path)
+
+
+# --- measured tables ------------------------------------------------------------------------------
+
+from sapo_bench.data import DATASETS  # noqa: E402
+from sapo_bench.report import WARM_START, display_rows, measured_table, paired_difference  # noqa: E402
+
+
+def test_paired_difference_is_the_t_interval_of_per_seed_differences():
+    mean, lo, hi = paired_difference([0.1, 0.2, 0.3])
+    # sd 0.1, n 3, t(0.975, 2) = 4.3027
+    assert mean == pytest.approx(0.2) and hi - mean == pytest.approx(4.3027 * 0.1 / 3 ** 0.5, rel=1e-4)
+    assert lo == pytest.approx(2 * mean - hi)
+    one = paired_difference([0.05])
+    assert one[0] == 0.05 and pd.isna(one[1]) and pd.isna(one[2])
+
+
+def _result(avg, collapse_step=None, warm=0.1):
+    em = {d: avg for d in DATASETS}
+    return {"run": {"collapse_step": collapse_step}, "test": {d: {"em": v, "f1": v} for d, v in em.items()},
+            "warmstart": {d: {"em": warm, "f1": warm} for d in DATASETS}}
+
+
+def _runs(cells):
+    return pd.DataFrame([{"backbone": b, "method": m, "seed": s, "state": state, "result": res,
+                          "collapse_step": res["run"]["collapse_step"] if res else None}
+                         for b, m, s, state, res in cells])
+
+
+def test_measured_table_means_stds_and_seed_paired_differences():
+    runs = _runs([("q", "grpo", 0, "done", _result(0.10)), ("q", "grpo", 1, "done", _result(0.20)),
+                  ("q", "grpo", 2, "failed", None),
+                  ("q", "sapo", 0, "done", _result(0.30)), ("q", "sapo", 1, "done", _result(0.30, collapse_step=7)),
+                  ("q", "sapo", 2, "done", _result(0.90))])  # seed 2 has no GRPO partner: not paired
+    t = measured_table(runs, "grpo").set_index("method")
+    assert list(t.index) == [WARM_START, "grpo", "sapo"]
+    assert t.loc[WARM_START, "avg_mean"] == pytest.approx(0.1) and t.loc[WARM_START, "n"] == 1
+    assert t.loc["grpo", "n"] == 2 and t.loc["grpo", "n_runs"] == 3
+    assert t.loc["grpo", "nq_mean"] == pytest.approx(0.15) and t.loc["grpo", "nq_std"] == pytest.approx(0.0707, abs=1e-4)
+    assert t.loc["sapo", "avg_mean"] == pytest.approx(0.5)
+    assert t.loc["sapo", "n_pairs"] == 2 and t.loc["sapo", "delta"] == pytest.approx(0.15)  # (0.2 + 0.1) / 2
+    assert t.loc["sapo", "delta_rel"] == pytest.approx(1.0)  # 0.15 over the paired GRPO mean 0.15
+    assert t.loc["sapo", "collapsed"] == 1 and t.loc["sapo", "collapse_steps"] == "7"
+    assert pd.isna(t.loc["grpo"].get("delta"))
+    header, rows = display_rows(t.reset_index(), "grpo")
+    by_method = {r[1]: dict(zip(header, r)) for r in rows}
+    assert by_method["sapo†"]["Avg"] == "0.500 ± 0.346" and by_method["sapo†"]["collapsed"] == "1/3 (step 7)"
+    assert by_method["grpo"]["n"] == "2/3" and by_method["sapo†"]["Δ %"] == "+100%"
