@@ -129,6 +129,27 @@ SUMMARY = list(AVERAGES)  # "1-hop", "multi-hop", "avg"
 # Below this baseline average a relative difference says nothing (0.0005 -> 0.02 is "+3900%").
 MIN_RELATIVE_BASE = 0.01
 WARM_START = "warm start"
+# A run whose policy has stopped producing valid actions: the invalid-action rate (search or answer
+# tags missing) averaged over its last 3 training steps. The collapse detector looks for ratio
+# drift (DESIGN §6); this catches the other way a run fails, an entropy runaway.
+DEGENERATE_INVALID = 0.5
+
+
+def degenerate_step(run_dir: str | Path) -> int | None:
+    """The step from which a degenerate run's invalid-action rate stayed ≥ DEGENERATE_INVALID, else None."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    steps = [json.loads(line) for line in path.read_text().splitlines() if '"train/reward_mean"' in line]
+    rate = [(int(m["train/step"]), m.get("rollout/invalid_frac", 0.0)) for m in steps]
+    if len(rate) < 3 or sum(r for _, r in rate[-3:]) / 3 < DEGENERATE_INVALID:
+        return None
+    onset = rate[-1][0]
+    for step, r in reversed(rate):
+        if r < DEGENERATE_INVALID:
+            break
+        onset = step
+    return onset
 
 
 def run_rows(runs: list[Run]) -> pd.DataFrame:
@@ -138,10 +159,12 @@ def run_rows(runs: list[Run]) -> pd.DataFrame:
         state = r.state()
         row = {"backbone": r.cfg.model.name, "family": r.cfg.model.family, "size": str(r.cfg.model.size),
                "method": r.cfg.algo.name, "seed": int(r.cfg.seed), "state": state, "run_dir": str(r.run_dir),
-               "error": r.error() if state == "failed" else None, "collapse_step": None, "result": None}
+               "error": r.error() if state == "failed" else None, "collapse_step": None, "degenerate_step": None,
+               "result": None}
         if state == "done":
             result = json.loads((r.run_dir / "result.json").read_text())
-            row.update(result=result, collapse_step=result["run"]["collapse_step"])
+            row.update(result=result, collapse_step=result["run"]["collapse_step"],
+                       degenerate_step=degenerate_step(r.run_dir))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -189,6 +212,9 @@ def measured_table(runs: pd.DataFrame, baseline: str = "grpo", metric: str = "em
                 collapsed = sub[sub.collapse_step.notna()]
                 row["collapsed"] = len(collapsed)
                 row["collapse_steps"] = ",".join(str(int(s)) for s in collapsed.collapse_step)
+                degenerate = sub[sub.degenerate_step.notna()]
+                row["degenerate"] = len(degenerate)
+                row["degenerate_steps"] = ",".join(str(int(s)) for s in degenerate.degenerate_step)
                 pairs = [(a, base_avg[s]) for s, a in zip(sub.seed, sc.avg) if s in base_avg]
                 if method != baseline and pairs:
                     d, lo, hi = paired_difference([a - b for a, b in pairs])
@@ -214,17 +240,19 @@ def display_rows(table: pd.DataFrame, baseline: str, tex: bool = False) -> tuple
     cols = list(DATASETS) + SUMMARY
     header = ["Backbone", "Method", "n"] + [DISPLAY.get(c, {"1-hop": "1-hop", "multi-hop": "Multi-hop",
                                                             "avg": "Avg"}[c] if c in SUMMARY else c) for c in cols]
-    header += [f"Δ Avg vs {baseline}", "Δ %", "95% CI", "collapsed"]
+    header += [f"Δ Avg vs {baseline}", "Δ %", "95% CI", "collapsed", "degenerate"]
     rows = []
     for _, r in table.iterrows():
-        method = r.method + ("†" if r.get("collapsed", 0) and r.collapsed > 0 else "")
+        method = r.method + ("†" if r.get("collapsed", 0) > 0 else "") + ("‡" if r.get("degenerate", 0) > 0 else "")
         n = "1" if r.method == WARM_START else f"{r.n}/{r.n_runs}" if r.n < r.n_runs else str(r.n)
         cells = [_cell(r.get(f"{c}_mean"), r.get(f"{c}_std"), tex) for c in cols]
         ci = "" if pd.isna(r.get("delta_lo", math.nan)) else f"[{r.delta_lo:+.3f}, {r.delta_hi:+.3f}]"
         rel = _signed(r.get("delta_rel"), "{:+.0%}").replace("%", r"\%" if tex else "%")
         collapsed = "" if r.method == WARM_START or r.n == 0 else (
             f"{int(r.collapsed)}/{r.n}" + (f" (step {r.collapse_steps})" if r.collapsed else ""))
-        rows.append([r.backbone, method, n] + cells + [_signed(r.get("delta")), rel, ci, collapsed])
+        degenerate = "" if r.method == WARM_START or r.n == 0 else (
+            f"{int(r.degenerate)}/{r.n}" + (f" (from step {r.degenerate_steps})" if r.degenerate else ""))
+        rows.append([r.backbone, method, n] + cells + [_signed(r.get("delta")), rel, ci, collapsed, degenerate])
     return header, rows
 
 
@@ -234,7 +262,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _tex_text(s: str) -> str:
-    return _tex(s).replace("Δ", r"$\Delta$").replace("†", r"$^\dagger$").replace("–", "--").replace("±", r"$\pm$")
+    return _tex(s).replace("Δ", r"$\Delta$").replace("†", r"$^\dagger$").replace("‡", r"$^\ddagger$").replace("–", "--").replace("±", r"$\pm$")
 
 
 def latex_table(header: list[str], rows: list[list[str]], caption: str) -> str:
@@ -278,7 +306,9 @@ def write_experiment(experiment: str, overrides: list[str], out: Path, command: 
              f"Test EM, mean ± std over n seeds. Δ: each method's average minus {baseline}'s on the same backbone, "
              "paired by seed, with a 95% t-interval; Δ % is relative to the baseline (blank when the baseline is below "
              f"{MIN_RELATIVE_BASE}). † marks rows with a collapsed "
-             "run (collapse detector, DESIGN §6): their cells include it. "
+             "run (the collapse detector's ratio drift, DESIGN §6), ‡ rows with a degenerate run (invalid actions in "
+             f"≥ {DEGENERATE_INVALID:.0%} of episodes over its last 3 steps; the step it began): their cells include "
+             "them. "
              + (f"`{WARM_START}` is the supervised starting point every run of that backbone begins from.\n\n"
                 if micro else "\n\n"),
              markdown_table(header, rows)]

@@ -57,15 +57,16 @@ def test_paired_difference_is_the_t_interval_of_per_seed_differences():
     assert one[0] == 0.05 and pd.isna(one[1]) and pd.isna(one[2])
 
 
-def _result(avg, collapse_step=None, warm=0.1):
+def _result(avg, collapse_step=None, warm=0.1, degenerate_step=None):
     em = {d: avg for d in DATASETS}
-    return {"run": {"collapse_step": collapse_step}, "test": {d: {"em": v, "f1": v} for d, v in em.items()},
+    return {"run": {"collapse_step": collapse_step, "degenerate_step": degenerate_step}, "test": {d: {"em": v, "f1": v} for d, v in em.items()},
             "warmstart": {d: {"em": warm, "f1": warm} for d in DATASETS}}
 
 
 def _runs(cells):
     return pd.DataFrame([{"backbone": b, "method": m, "seed": s, "state": state, "result": res,
-                          "collapse_step": res["run"]["collapse_step"] if res else None}
+                          "collapse_step": res["run"]["collapse_step"] if res else None,
+                          "degenerate_step": res["run"].get("degenerate_step") if res else None}
                          for b, m, s, state, res in cells])
 
 
@@ -73,7 +74,7 @@ def test_measured_table_means_stds_and_seed_paired_differences():
     runs = _runs([("q", "grpo", 0, "done", _result(0.10)), ("q", "grpo", 1, "done", _result(0.20)),
                   ("q", "grpo", 2, "failed", None),
                   ("q", "sapo", 0, "done", _result(0.30)), ("q", "sapo", 1, "done", _result(0.30, collapse_step=7)),
-                  ("q", "sapo", 2, "done", _result(0.90))])  # seed 2 has no GRPO partner: not paired
+                  ("q", "sapo", 2, "done", _result(0.90, degenerate_step=4))])  # seed 2 has no GRPO partner: not paired
     t = measured_table(runs, "grpo").set_index("method")
     assert list(t.index) == [WARM_START, "grpo", "sapo"]
     assert t.loc[WARM_START, "avg_mean"] == pytest.approx(0.1) and t.loc[WARM_START, "n"] == 1
@@ -86,5 +87,24 @@ def test_measured_table_means_stds_and_seed_paired_differences():
     assert pd.isna(t.loc["grpo"].get("delta"))
     header, rows = display_rows(t.reset_index(), "grpo")
     by_method = {r[1]: dict(zip(header, r)) for r in rows}
-    assert by_method["sapo†"]["Avg"] == "0.500 ± 0.346" and by_method["sapo†"]["collapsed"] == "1/3 (step 7)"
-    assert by_method["grpo"]["n"] == "2/3" and by_method["sapo†"]["Δ %"] == "+100%"
+    sapo = by_method["sapo†‡"]
+    assert sapo["Avg"] == "0.500 ± 0.346" and sapo["collapsed"] == "1/3 (step 7)"
+    assert sapo["degenerate"] == "1/3 (from step 4)" and by_method["grpo"]["degenerate"] == "0/2"
+    assert by_method["grpo"]["n"] == "2/3" and sapo["Δ %"] == "+100%"
+
+
+def test_a_run_is_degenerate_when_its_last_steps_are_mostly_invalid_actions(tmp_path):
+    import json
+
+    from sapo_bench.report import degenerate_step
+
+    def write(rates):
+        lines = [{"train/step": i + 1, "train/reward_mean": 0.0, "rollout/invalid_frac": r} for i, r in enumerate(rates)]
+        lines.insert(2, {"train/step": 2, "val/em": 0.1})  # validation lines are not training steps
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        return degenerate_step(tmp_path)
+
+    assert write([0.0, 0.1, 0.6, 0.2, 0.7, 0.9, 1.0]) == 5
+    assert write([0.0, 0.9, 1.0, 1.0, 0.2, 0.1, 0.1]) is None  # recovered
+    assert write([0.6, 0.7]) is None  # too short to say
+    assert degenerate_step(tmp_path / "missing") is None
