@@ -283,13 +283,16 @@ def latex_table(header: list[str], rows: list[list[str]], caption: str) -> str:
 def provenance(runs: pd.DataFrame, command: str) -> str:
     from sapo_bench.train import git_commit
 
+    def short(commit: str) -> str:
+        return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
     done = runs[runs.state == "done"]
-    commits = sorted({r["run"]["git_commit"][:12] for r in done.result})
+    commits = sorted({short(r["run"]["git_commit"]) for r in done.result})
     machines = sorted({r["run"]["machine"] for r in done.result})
     minutes = sum(r["run"]["wall_s"] for r in done.result) / 60
     return (f"Made by `{command}` on {time.strftime('%Y-%m-%d')}. Runs: {len(done)} of {len(runs)} finished "
             f"({minutes:.0f} run-minutes in all) at commit {', '.join(commits) or '–'} on {', '.join(machines) or '–'}; "
-            f"report at commit {git_commit()[:12]}.\n")
+            f"report at commit {short(git_commit())}.\n")
 
 
 def write_experiment(experiment: str, overrides: list[str], out: Path, command: str) -> list[Path]:
