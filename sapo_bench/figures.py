@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -30,12 +29,10 @@ STEP = "train/step"
 
 
 def training_curves(run_dir: str | Path) -> pd.DataFrame:
-    """One row per training step (the lines of metrics.jsonl that carry the reward)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return pd.DataFrame(columns=[STEP] + [m for m, _ in DYNAMICS])
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    df = pd.DataFrame([r for r in rows if "train/reward_mean" in r])
+    """One row per training step, the DYNAMICS metrics as columns."""
+    from sapo_bench.report import training_steps
+
+    df = pd.DataFrame(training_steps(run_dir))
     return df.reindex(columns=[STEP] + [m for m, _ in DYNAMICS]).drop_duplicates(STEP, keep="last")
 
 

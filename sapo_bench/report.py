@@ -135,13 +135,17 @@ WARM_START = "warm start"
 DEGENERATE_INVALID = 0.5
 
 
-def degenerate_step(run_dir: str | Path) -> int | None:
-    """The step from which a degenerate run's invalid-action rate stayed ≥ DEGENERATE_INVALID, else None."""
+def training_steps(run_dir: str | Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl that are training steps (they carry the reward)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
-        return None
-    steps = [json.loads(line) for line in path.read_text().splitlines() if '"train/reward_mean"' in line]
-    rate = [(int(m["train/step"]), m.get("rollout/invalid_frac", 0.0)) for m in steps]
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if '"train/reward_mean"' in line]
+
+
+def degenerate_step(run_dir: str | Path) -> int | None:
+    """The step from which a degenerate run's invalid-action rate stayed ≥ DEGENERATE_INVALID, else None."""
+    rate = [(int(m["train/step"]), m.get("rollout/invalid_frac", 0.0)) for m in training_steps(run_dir)]
     if len(rate) < 3 or sum(r for _, r in rate[-3:]) / 3 < DEGENERATE_INVALID:
         return None
     onset = rate[-1][0]
@@ -238,8 +242,8 @@ def _signed(v, fmt="{:+.3f}") -> str:
 
 def display_rows(table: pd.DataFrame, baseline: str, tex: bool = False) -> tuple[list[str], list[list[str]]]:
     cols = list(DATASETS) + SUMMARY
-    header = ["Backbone", "Method", "n"] + [DISPLAY.get(c, {"1-hop": "1-hop", "multi-hop": "Multi-hop",
-                                                            "avg": "Avg"}[c] if c in SUMMARY else c) for c in cols]
+    names = {**DISPLAY, "1-hop": "1-hop", "multi-hop": "Multi-hop", "avg": "Avg"}
+    header = ["Backbone", "Method", "n"] + [names[c] for c in cols]
     header += [f"Δ Avg vs {baseline}", "Δ %", "95% CI", "collapsed", "degenerate"]
     rows = []
     for _, r in table.iterrows():
@@ -326,7 +330,8 @@ def write_experiment(experiment: str, overrides: list[str], out: Path, command: 
     tables = out / "tables"
     written = [tables / f"{experiment}.md", tables / f"{experiment}.csv", tables / f"{experiment}.tex"]
     atomic_write_text(written[0], "".join(parts))
-    full = pd.concat([measured_table(runs, baseline, m).assign(metric=m) for m in METRICS], ignore_index=True)
+    full = pd.concat([(table if m == "em" else measured_table(runs, baseline, m)).assign(metric=m) for m in METRICS],
+                     ignore_index=True)
     atomic_write_text(written[1], full.to_csv(index=False, float_format="%.4f"))
     caption = f"{title}. Test EM, mean ± std over seeds" + (" on the micro world's mirrors of the benchmarks"
                                                                   if micro else "")

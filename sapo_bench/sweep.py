@@ -27,6 +27,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -53,6 +54,10 @@ class Run:
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
 
+    @cached_property
+    def config_hash(self) -> str:
+        return config_hash(self.cfg)
+
     @property
     def label(self) -> str:
         return f"{self.cfg.model.name}/{self.cfg.algo.name}/seed{self.cfg.seed}"
@@ -60,7 +65,7 @@ class Run:
     def state(self) -> str:
         """done | conflict | failed | partial | new."""
         try:
-            if finished_result(self.run_dir, config_hash(self.cfg)) is not None:
+            if finished_result(self.run_dir, self.config_hash) is not None:
                 return "done"
         except RunConflict:
             return "conflict"
@@ -109,7 +114,7 @@ def expand(experiments: list[str], overrides: list[str] = ()) -> list[Run]:
             seen = runs.get(run.run_dir)
             if seen is None:
                 runs[run.run_dir] = run
-            elif config_hash(seen.cfg) != config_hash(cfg):
+            elif seen.config_hash != run.config_hash:
                 raise SystemExit(f"{run.run_dir} is claimed by {seen.experiments[0]} and {exp} with different "
                                  "configurations: give one of them its own `setting`")
             else:
@@ -176,7 +181,7 @@ def launch(run: Run, slot: int, gpu: bool) -> subprocess.Popen:
     log.write(f"\n=== sapo-sweep {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(run.overrides)}\n")
     log.flush()
     proc = subprocess.Popen([sys.executable, "-m", "sapo_bench.train", *run.overrides], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+                            stderr=subprocess.STDOUT, env=env)
     log.close()
     return proc
 

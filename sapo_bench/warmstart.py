@@ -118,7 +118,7 @@ def sft(model, batch, cfg: WarmStartConfig, seed: int) -> list[float]:
         losses = []
         for b in torch.randperm(len(batches), generator=gen).tolist():
             idx = batches[b]
-            width = int(batch.attention_mask[idx].sum(-1).max())
+            width = int(lengths[idx].max())
             ids, att, mask = batch.input_ids[idx, :width], batch.attention_mask[idx, :width], batch.loss_mask[idx, :width]
             logp, _, _ = token_logp(model, ids, att, mask=mask)
             loss = -masked_mean(logp, mask)
