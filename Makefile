@@ -26,7 +26,7 @@ REPRODUCE ?= micro_main
 JOBS ?=
 JOBS_FLAG := $(if $(JOBS),--jobs $(JOBS),)
 
-.PHONY: install install-smollm2 test test-all reproduce smoke lock clean
+.PHONY: install install-smollm2 test test-all reproduce smoke bench lock clean
 
 install: $(STAMP)
 
@@ -58,6 +58,15 @@ reproduce: install
 smoke: install
 	$(VENV)/bin/sapo-sweep micro_smoke $(JOBS_FLAG); status=$$?; \
 	$(VENV)/bin/sapo-report micro_smoke --out results/smoke --made-by "make smoke" || status=1; exit $$status
+
+# Speed and memory against a Search-R1-style loop and TRL, side by side (about 10 min on 2 cores):
+# prints the comparison table and writes benchmarks/reports/performance.md. BENCH_ARGS adds options
+# (python benchmarks/perf.py --help), e.g. on a GPU:
+#   make bench BENCH_ARGS='--device cuda --model qwen2-micro-16m' BENCH_OUT=benchmarks/reports/performance-gpu.md
+BENCH_ARGS ?=
+BENCH_OUT ?= benchmarks/reports/performance.md
+bench: install
+	$(PY) benchmarks/perf.py --out $(BENCH_OUT) --json $(BENCH_OUT:.md=.json) $(BENCH_ARGS)
 
 # Re-resolve every dependency from scratch and rewrite constraints/lock.txt.
 lock:

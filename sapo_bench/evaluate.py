@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from sapo_bench.data import DATASETS, load_eval
 from sapo_bench.io import atomic_write_json
 from sapo_bench.rewards import exact_match, f1_score
-from sapo_bench.rollout import HFEngine, RolloutConfig, rollout
+from sapo_bench.rollout import RolloutConfig, make_engine, rollout
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -42,7 +42,8 @@ def evaluate_policy(model, tokenizer, retriever, sets: dict, rcfg: RolloutConfig
         scores = []
         for s in range(0, len(ds), batch_size):
             rows = ds.select(range(s, min(s + batch_size, len(ds))))
-            batch = rollout(HFEngine(model, tokenizer, greedy=True), tokenizer, retriever, rows["question"], rcfg)
+            engine = make_engine(rcfg.backend, model, tokenizer, greedy=True)
+            batch = rollout(engine, tokenizer, retriever, rows["question"], rcfg)
             scores += score(batch.answers, rows["golden_answers"])
         n = max(len(scores), 1)
         out[name] = {"em": sum(s[0] for s in scores) / n, "f1": sum(s[1] for s in scores) / n, "n": len(scores)}

@@ -34,7 +34,7 @@ from sapo_bench.diagnostics import isdd_metrics
 from sapo_bench.evaluate import score
 from sapo_bench.losses import entropy_bonus, policy_loss, ref_kl, value_loss
 from sapo_bench.rewards import get_metric
-from sapo_bench.rollout import HFEngine, RolloutConfig, rollout
+from sapo_bench.rollout import RolloutBatch, RolloutConfig, make_engine, rollout
 
 
 @dataclass
@@ -196,8 +196,8 @@ class SearchAgentRLModule(L.LightningModule):
     def _rollout(self, questions: list[str], *, greedy: bool, generator=None):
         was_training = self.policy.training
         self.policy.eval()
-        engine = HFEngine(self.policy, self.tok, temperature=self.rcfg.temperature, top_p=self.rcfg.top_p,
-                          greedy=greedy, generator=generator)
+        engine = make_engine(self.rcfg.backend, self.policy, self.tok, temperature=self.rcfg.temperature,
+                             top_p=self.rcfg.top_p, greedy=greedy, generator=generator)
         batch = rollout(engine, self.tok, self.retriever, questions, self.rcfg)
         self.policy.train(was_training)
         return batch
@@ -214,17 +214,14 @@ class SearchAgentRLModule(L.LightningModule):
                 values.append(v)
         return torch.cat(logps), (torch.cat(values) if with_values else None)
 
-    def training_step(self, _batch, _batch_idx):
-        step = self.rollout_step
-        if step >= self.cfg.max_steps:
-            self.trainer.should_stop = True
-            return
-        t0 = time.perf_counter()
+    def make_batch(self, step: int) -> tuple[dict, RolloutBatch, torch.Tensor]:
+        """Rollout step `step`'s episodes, scored: (the inputs of `update`, the rollout, the rewards)."""
         rows = self._prompt_rows(step)
         questions = [r["question"] for r in rows for _ in range(self.cfg.group_size)]
         golds = [r["golden_answers"] for r in rows for _ in range(self.cfg.group_size)]
+        t0 = time.perf_counter()
         batch = self._rollout(questions, greedy=False, generator=self._sampling_generator(step))
-        t1 = time.perf_counter()
+        batch.stats["time/rollout_s"] = time.perf_counter() - t0
         dev = self.device
         ids, att = batch.input_ids.to(dev), batch.attention_mask.to(dev)
         mask = batch.loss_mask.to(dev)
@@ -244,13 +241,25 @@ class SearchAgentRLModule(L.LightningModule):
             token_rewards = torch.zeros_like(mask)
             token_rewards[torch.arange(len(last), device=dev), last] = rewards * (mask.sum(-1) > 0)
             adv, returns = self.advantage(token_rewards, old_values, mask, **self.algo.advantage_params)
-        metrics = self._update(ids, att, mask, old_logp, ref_logp, adv, old_values, returns, step)
+        inputs = {"ids": ids, "att": att, "mask": mask, "old_logp": old_logp, "ref_logp": ref_logp, "adv": adv,
+                  "old_values": old_values, "returns": returns, "step": step}
+        return inputs, batch, rewards
+
+    def training_step(self, _batch, _batch_idx):
+        step = self.rollout_step
+        if step >= self.cfg.max_steps:
+            self.trainer.should_stop = True
+            return
+        t0 = time.perf_counter()
+        inputs, batch, rewards = self.make_batch(step)
+        t1 = time.perf_counter()
+        metrics = self.update(**inputs)
         t2 = time.perf_counter()
         metrics.update(batch.metrics())
         metrics.update({
             "train/step": float(step + 1), "train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()),
             "train/lr": float(self.lr_schedulers().get_last_lr()[0]), "train/nonfinite_skipped": float(self.nonfinite_total),
-            "time/rollout_s": t1 - t0, "time/update_s": t2 - t1})
+            "time/score_s": t1 - t0 - batch.stats["time/rollout_s"], "time/update_s": t2 - t1})
         collapsed_at = self.collapse.update(step + 1, metrics["train/reward_mean"], metrics.get("is_ratio/mean", 1.0))
         metrics["train/collapsed"] = float(collapsed_at is not None or self.collapsed_reason is not None)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
@@ -258,7 +267,8 @@ class SearchAgentRLModule(L.LightningModule):
         if self.rollout_step >= self.cfg.max_steps or self.collapsed_reason == "nonfinite":
             self.trainer.should_stop = True
 
-    def _update(self, ids, att, mask, old_logp, ref_logp, adv, old_values, returns, step) -> dict:
+    def update(self, ids, att, mask, old_logp, ref_logp, adv, old_values, returns, step) -> dict:
+        """The optimiser steps on one scored rollout batch (`make_batch`'s first output)."""
         opt, sched = self.optimizers(), self.lr_schedulers()
         n, mbs, micro = ids.shape[0], self.cfg.mini_batch_size, self.cfg.micro_batch_size
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
 
@@ -48,6 +49,11 @@ class RolloutConfig:
     top_p: float = 1.0
     template: str = "search_r1"
     chat_template: bool = False     # wrap the prompt in the tokenizer's chat template (instruct models)
+    backend: str = "hf"             # the Engine that generates (ENGINES)
+
+    def __post_init__(self):
+        if self.backend not in ENGINES:
+            raise ValueError(f"unknown rollout backend {self.backend!r}; valid: {', '.join(sorted(ENGINES))}")
 
 
 def parse_action(text: str) -> tuple[str | None, str]:
@@ -93,6 +99,50 @@ class RolloutBatch:
 # --- engines -------------------------------------------------------------------------------------
 
 
+class Engine(Protocol):
+    """What `rollout` drives: the policy's side of one batch of episodes, turn by turn.
+
+    start(prompts)       a new batch; episode i's prompt token ids are prompts[i]
+    generate(max_new)    one turn for each running episode, budgets in episode order
+    keep(episodes)       only these episodes (ascending ids) go on
+    append(token_lists)  the tokens inserted after each running episode's turn (passages, feedback)
+
+    An engine may hold a KV cache across turns (HFEngine) or resubmit each episode's whole context
+    to a server with prefix caching (how a vLLM backend would plug in at paper scale); `rollout`
+    cannot tell. Register a backend with `register_engine` and pick it with `rollout.backend`.
+    """
+
+    def start(self, prompts: list[list[int]]) -> None: ...
+
+    def generate(self, max_new: list[int]) -> list[TurnOutput]: ...
+
+    def keep(self, episodes: list[int]) -> None: ...
+
+    def append(self, token_lists: list[list[int]]) -> None: ...
+
+
+# name -> factory(model, tokenizer, *, temperature, top_p, greedy, generator) -> Engine
+ENGINES: dict[str, Callable[..., Engine]] = {}
+
+
+def register_engine(name: str):
+    def deco(factory):
+        if name in ENGINES:
+            raise ValueError(f"rollout backend {name!r} is already registered")
+        ENGINES[name] = factory
+        return factory
+
+    return deco
+
+
+def make_engine(backend: str, model, tokenizer, **sampling) -> Engine:
+    try:
+        factory = ENGINES[backend]
+    except KeyError:
+        raise ValueError(f"unknown rollout backend {backend!r}; valid: {', '.join(sorted(ENGINES))}") from None
+    return factory(model, tokenizer, **sampling)
+
+
 class ScriptedEngine:
     """Emits fixed text turns per episode (teacher trajectories, tests). Log-probs are 0."""
 
@@ -126,6 +176,7 @@ class ScriptedEngine:
         pass
 
 
+@register_engine("hf")
 class HFEngine:
     """Batched sampling with one KV cache across turns, for any transformers causal LM."""
 
@@ -144,12 +195,13 @@ class HFEngine:
         self._stop_window = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in STOP_STRINGS) + 1
 
     def _forward(self, ids, mask_new, positions):
+        """Logits of the last column only: every caller aligns each row's last real token there."""
         self.mask = torch.cat([self.mask, mask_new], dim=1) if self.mask is not None else mask_new
         # transformers renamed past_key_values to cache (5.x); accept both spellings.
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                         **{self._cache_arg: self.cache})
+                         logits_to_keep=1, **{self._cache_arg: self.cache})
         self.cache = out.get("cache", out.get("past_key_values"))
-        return out.logits
+        return out.logits[:, -1].float()
 
     @torch.no_grad()
     def start(self, prompts: list[list[int]]) -> None:
@@ -164,7 +216,7 @@ class HFEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         self.cache, self.mask = DynamicCache(), None
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.next_logits = self._forward(ids, mask, positions)[:, -1].float()
+        self.next_logits = self._forward(ids, mask, positions)
         self.n_real = mask.sum(-1)
         self.pending: list[int | None] = [None] * n
         self.slots = list(range(n))
@@ -179,7 +231,10 @@ class HFEngine:
             sorted_p, order = probs.sort(-1, descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p > self.top_p
             probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        tok = torch.multinomial(probs, 1, generator=self.gen)[:, 0]
+        # Inverse-CDF sampling: the same distribution as torch.multinomial, ~20x faster on a CPU.
+        cdf = probs.cumsum(-1)
+        u = torch.rand(cdf.shape[0], 1, generator=self.gen, device=cdf.device) * cdf[:, -1:]
+        tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
         return tok, logp.gather(-1, tok[:, None])[:, 0]
 
     def _stopped(self, turn_tokens: list[int]) -> bool:
@@ -196,10 +251,11 @@ class HFEngine:
             tok, lp = self._sample(logits)
             tok = torch.where(active, tok, torch.full_like(tok, self.pad))
             still = active.clone()
+            toks, lps = tok.tolist(), lp.tolist()  # one device sync per step, not one per sequence
             for i in active.nonzero()[:, 0].tolist():
-                t = int(tok[i])
+                t = toks[i]
                 outs[i].tokens.append(t)
-                outs[i].logps.append(float(lp[i]))
+                outs[i].logps.append(lps[i])
                 if t in self.eos:
                     outs[i].reason = "eos"
                 elif self._closing[t] and self._stopped(outs[i].tokens):
@@ -210,7 +266,7 @@ class HFEngine:
                 self.pending[i] = t  # the turn's last token is fed with whatever comes next
             if not still.any():
                 break
-            logits = self._forward(tok[:, None], still[:, None].long(), self.n_real[:, None])[:, -1].float()
+            logits = self._forward(tok[:, None], still[:, None].long(), self.n_real[:, None])
             self.n_real = self.n_real + still.long()
             active = still
         self.next_logits = logits
@@ -238,14 +294,13 @@ class HFEngine:
         n = len(seqs)
         ids = torch.full((n, width), self.pad, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, :len(s)] = 1
+        for i, s in enumerate(seqs):  # left-aligned to the end, so the logits needed are the last column's
+            if s:
+                ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+                mask[i, width - len(s):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = self.n_real[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self._forward(ids, mask, positions)
-        last = torch.tensor([max(len(s) - 1, 0) for s in seqs], device=self.device)
-        fresh = logits[torch.arange(n, device=self.device), last].float()
+        fresh = self._forward(ids, mask, positions)
         has = torch.tensor([len(s) > 0 for s in seqs], device=self.device)
         self.next_logits = torch.where(has[:, None], fresh, self.next_logits)
         self.n_real = self.n_real + mask.sum(-1)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-# As sapo-train does (conf/config.yaml, cpu_threads): on 2-core machines one thread is far faster.
+# As sapo-train does (conf/config.yaml, cpu_threads): tests may start subprocesses that train too,
+# and threads that outnumber the cores slow everyone down several times.
 torch.set_num_threads(1)
 
 from sapo_bench.world import WorldConfig, write_world

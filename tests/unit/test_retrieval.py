@@ -105,6 +105,19 @@ def test_bm25_finds_the_passage_and_ranks_by_score(corpus):
     assert [r.search([q], k=3)[0] for q in queries] == results
 
 
+def test_bm25_stopword_only_and_empty_queries_return_nothing_beside_real_ones(corpus):
+    r = build_retriever("bm25", corpus_path=corpus)
+    hits = r.search(["where was the", "", "Tallow Press"], k=3)
+    assert hits[0] == [] and hits[1] == [] and hits[2][0].id == "p5"
+
+
+def test_top_k_breaks_ties_by_passage_order_whatever_the_batch():
+    scores = np.array([[0.0, 2.0, 1.0, 2.0, 2.0], [3.0, 0.0, 0.0, 0.0, 1.0]], dtype=np.float32)
+    ids, top = retrieval.top_k(scores, 2)
+    assert ids.tolist() == [[1, 3], [0, 4]] and top.tolist() == [[2.0, 2.0], [3.0, 1.0]]
+    assert retrieval.top_k(scores[1:], 2)[0].tolist() == [[0, 4]]
+
+
 def test_bm25_k_beyond_the_corpus_and_bad_arguments(corpus):
     r = BM25Retriever(corpus)
     assert len(r.search(["the Marrow Isles Quillhaven"], k=50)[0]) <= len(DOCS)

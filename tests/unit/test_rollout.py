@@ -125,3 +125,43 @@ def test_batched_greedy_rollout_equals_each_episode_alone(tiny_model, micro_tok,
         assert together.responses[i] == alone.responses[0]
         n = int(alone.attention_mask[0].sum())
         assert together.input_ids[i, :n].tolist() == alone.input_ids[0, :n].tolist()
+
+
+def test_sampling_draws_from_the_tempered_distribution_and_respects_top_p(tiny_model, micro_tok):
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = probs.log().expand(40000, 4)
+    tok, logp = HFEngine(tiny_model, micro_tok, generator=torch.Generator().manual_seed(0))._sample(logits)
+    freq = torch.bincount(tok, minlength=4).float() / len(tok)
+    assert torch.allclose(freq, probs, atol=0.01) and freq[3] == 0
+    assert torch.allclose(logp, probs.log()[tok])  # the behaviour log-prob of what was drawn
+    nucleus = HFEngine(tiny_model, micro_tok, top_p=0.6, generator=torch.Generator().manual_seed(0))
+    tok, _ = nucleus._sample(logits)
+    freq = torch.bincount(tok, minlength=4).float() / len(tok)
+    assert freq[2] == 0 and freq[3] == 0 and abs(float(freq[0]) - 0.5 / 0.8) < 0.01
+
+
+def test_rollout_backends_are_looked_up_by_name(tiny_model, micro_tok, small_world, bm25):
+    from sapo_bench import rollout as rollout_mod
+    from sapo_bench.data import load_split
+    from sapo_bench.evaluate import evaluate_policy
+
+    with pytest.raises(ValueError, match="unknown rollout backend 'vllm'; valid: .*hf"):
+        RolloutConfig(backend="vllm")
+    calls = []
+
+    def counting(model, tokenizer, **sampling):  # a third-party backend: HFEngine, counting its turns
+        engine = HFEngine(model, tokenizer, **sampling)
+        generate = engine.generate
+        engine.generate = lambda max_new: calls.append(len(max_new)) or generate(max_new)
+        return engine
+
+    rollout_mod.register_engine("counting")(counting)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            rollout_mod.register_engine("counting")(counting)
+        sets = {"nq": load_split(small_world, "nq", "test", limit=3)}
+        cfg = RolloutConfig(max_turns=1, max_new_tokens=4, backend="counting")
+        assert evaluate_policy(tiny_model, micro_tok, bm25, sets, cfg)["nq"]["n"] == 3
+        assert calls and calls[0] == 3
+    finally:
+        del rollout_mod.ENGINES["counting"]
