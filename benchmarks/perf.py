@@ -133,17 +133,35 @@ def case_rollout(args, side: str, policy: str) -> dict:
         model = model.to(args.device).eval()
     rows = train_questions(cfg, args.prompts)
     questions = [r["question"] for r in rows for _ in range(args.group)]
-    positions = [0]  # token positions the model computes, padding included
+    # Where the time goes: token positions the model computes (padding included), seconds inside
+    # the model's forward, seconds inside the retriever; the rest is the loop itself.
+    clock = {"positions": 0, "forward_s": 0.0, "retrieval_s": 0.0, "t": 0.0}
 
-    def count(_module, _args, kwargs):
-        positions[0] += kwargs["input_ids"].numel()
+    def before(_module, _args, kwargs):
+        clock["positions"] += kwargs["input_ids"].numel()
+        sync(args.device)
+        clock["t"] = time.perf_counter()
 
-    model.register_forward_pre_hook(count, with_kwargs=True)
+    def after(_module, _args, _kwargs, _out):
+        sync(args.device)
+        clock["forward_s"] += time.perf_counter() - clock["t"]
+
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(after, with_kwargs=True)
+    search = retriever.search
+
+    def timed_search(queries, k=3):
+        t = time.perf_counter()
+        hits = search(queries, k)
+        clock["retrieval_s"] += time.perf_counter() - t
+        return hits
+
+    retriever.search = timed_search
     mem = Memory(args.device)
-    times, tokens, searches, turns, computed = [], [], [], [], []
+    times, tokens, searches, turns, clocks = [], [], [], [], []
     for r in range(args.warmup + args.repeats):
         sync(args.device)
-        positions[0] = 0
+        clock.update(positions=0, forward_s=0.0, retrieval_s=0.0)
         t = time.perf_counter()
         if side == "sapo-bench":
             gen = torch.Generator(device=args.device).manual_seed(r)
@@ -159,12 +177,14 @@ def case_rollout(args, side: str, policy: str) -> dict:
             tokens.append(out["generated_tokens"])
             searches.append(out["searches"])
             turns.append(out["turns"])
-            computed.append(positions[0])
+            clocks.append(dict(clock))
     n, reps = len(questions), len(times)
     return {"seconds": times, "tokens_per_s": median([k / s for k, s in zip(tokens, times)]),
             "episodes_per_s": median([n / s for s in times]), "tokens_per_episode": sum(tokens) / reps / n,
             "searches_per_episode": sum(searches) / reps / n, "turns_per_episode": sum(turns) / reps / n,
-            "positions_per_episode": sum(computed) / reps / n, "memory": mem.report()}
+            "positions_per_episode": sum(c["positions"] for c in clocks) / reps / n,
+            "forward_s": median([c["forward_s"] for c in clocks]),
+            "retrieval_s": median([c["retrieval_s"] for c in clocks]), "memory": mem.report()}
 
 
 def single_turn_overrides(args) -> list[str]:
@@ -492,14 +512,18 @@ def render(args, res: dict, argv: list[str], seconds: float) -> str:
                   "Multi-turn episodes under the micro protocol (up to 3 searches and a final turn, 32 tokens a "
                   "turn, 200-token observations, BM25 top-3). The two loops sample differently, so their episodes "
                   "differ; per episode they did this. *Positions* counts the token positions the model computed "
-                  "(padding included): regenerating re-encodes the context every turn, the KV cache does not.", "",
-                  "| policy | loop | s per batch | generated tokens | searches | turns | positions | peak MB |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "(padding included): regenerating re-encodes the context every turn, the KV cache does not. "
+                  "*In the model* and *in retrieval* are seconds per batch inside the model's forward and the "
+                  "retriever; the rest is the loop (sampling, stop checks, tokenising, bookkeeping).", "",
+                  "| policy | loop | s per batch | in the model | in retrieval | generated tokens | searches | turns "
+                  "| positions | peak MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for case, label in ROLLOUTS.items():
             for side, name in (("sapo-bench", "sapo-bench (KV cache across turns)"), ("regenerate", "regenerate each turn")):
                 r = res.get(f"{case}:{side}")
                 if r:
-                    lines.append(f"| {label} | {name} | {median(r['seconds']):.2f} | {r['tokens_per_episode']:.1f} | "
+                    lines.append(f"| {label} | {name} | {median(r['seconds']):.2f} | {r['forward_s']:.2f} | "
+                                 f"{r['retrieval_s']:.3f} | {r['tokens_per_episode']:.1f} | "
                                  f"{r['searches_per_episode']:.2f} | {r['turns_per_episode']:.2f} | "
                                  f"{r['positions_per_episode']:.0f} | {r['memory']['peak_mb']:.0f} |")
         lines.append("")

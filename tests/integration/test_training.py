@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,10 @@ def test_a_tiny_run_end_to_end(tmp_path, algo):
     else:
         assert "loss/value" in steps[0]
     assert any("val/em" in m for m in lines(run))
+    # Every logged name is documented once in docs/metrics.md (per-dataset names by their pattern).
+    doc = (CONF.parent / "docs" / "metrics.md").read_text()
+    logged = {re.sub(r"^(val|test)/(em|f1)/[a-z0-9]+$", r"\1/\2/<dataset>", k) for m in lines(run) for k in m}
+    assert {k for k in logged if f"`{k}`" not in doc} <= {"epoch", "optimizer_step"}
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "config.yaml").exists()
     # started again, a finished run is skipped, not redone
     mtime = (run / "result.json").stat().st_mtime
