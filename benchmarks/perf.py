@@ -425,9 +425,24 @@ def run_workers(name: str, argv: list[str], copies: int = 1) -> list[dict]:
             if proc.wait() != 0:
                 raise SystemExit(f"benchmark case {name!r} failed (exit {proc.returncode}); see its output above")
         results = [json.loads(o.read_text()) for o in outs]
-    print(f"  {name}{f' ×{copies} at once' if copies > 1 else ''} ({' '.join(argv[-2:])}): "
-          f"done in {time.perf_counter() - t:.0f}s", flush=True)
+    threads = f" with {argv[-1]} thread(s)" if name == "probe" else ""
+    print(f"  {name}{threads}{f', {copies} at once' if copies > 1 else ''}: done in {time.perf_counter() - t:.0f}s",
+          flush=True)
     return results
+
+
+def merge(parts: list):
+    """One case's results over rounds: timings pooled, summaries (a round's median) by their median."""
+    first = parts[0]
+    if isinstance(first, dict):
+        return {k: merge([p[k] for p in parts]) for k in first}
+    if isinstance(first, list):
+        return [x for p in parts for x in p]
+    if all(p == first for p in parts):
+        return first
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and None not in parts:
+        return median(parts)
+    return first
 
 
 def settings(argv: list[str]) -> dict:
@@ -454,6 +469,10 @@ def versions() -> str:
     return ", ".join(parts)
 
 
+def short_commit(commit: str) -> str:
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def fmt(x, spec=".2f") -> str:
     return "n/a" if x is None or x != x else format(x, spec)
 
@@ -475,9 +494,10 @@ def render(args, res: dict, argv: list[str], seconds: float) -> str:
         f"{datetime.date.today().isoformat()} in {seconds / 60:.1f} min.",
         "",
         f"- Machine: {machine()}; device {args.device}; {args.threads} torch thread(s) on both sides",
-        f"- Versions: {versions()}; sapo-bench {git_commit()[:12]}",
-        f"- Model {args.model}; batch {args.prompts} questions × {args.group}; medians of {args.repeats} "
-        f"repeats after {args.warmup} warm-up; each case in its own process",
+        f"- Versions: {versions()}; sapo-bench {short_commit(git_commit())}",
+        f"- Model {args.model}; batch {args.prompts} questions × {args.group}; medians over {args.rounds} rounds "
+        f"of {args.repeats} repeats (after {args.warmup} warm-up), each case in a fresh process per round, the cases "
+        "taking turns",
         "",
         "| measure | sapo-bench | peer | ratio | target | met |",
         "|---|---|---|---|---|---|",
@@ -582,7 +602,8 @@ def parse_args(argv=None):
     p.add_argument("--group", type=int, default=5)
     p.add_argument("--mini-batch", type=int, default=10)
     p.add_argument("--completion-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per round")
+    p.add_argument("--rounds", type=int, default=2, help="passes over all cases, each case in a fresh process")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--loss-repeats", type=int, default=50)
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
@@ -604,8 +625,10 @@ def main(argv=None) -> None:
         return
     start = time.perf_counter()
     names = [w for w in WORKERS if w.split(":")[0].split("-")[0] in args.cases]
-    print(f"perf: {len(names)} cases, each in its own process", flush=True)
-    results = {name: run_workers(name, argv)[0] for name in names}
+    print(f"perf: {len(names)} cases × {args.rounds} rounds, each in its own process", flush=True)
+    # Rounds go through every case in turn, so a slow spell of the machine hits both sides of a pair.
+    rounds = [{name: run_workers(name, argv)[0] for name in names} for _ in range(args.rounds)]
+    results = {name: merge([r[name] for r in rounds]) for name in names}
     if "settings" in args.cases:
         results["settings:threads"] = settings(argv)
     report = render(args, results, argv, time.perf_counter() - start)

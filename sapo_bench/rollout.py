@@ -225,17 +225,20 @@ class HFEngine:
         if self.greedy:
             tok = logits.argmax(-1)
             return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
-        logp = torch.log_softmax(logits / self.temperature, -1)
-        probs = logp.exp()
+        # Inverse-CDF sampling from unnormalised weights: one exp over the vocabulary per step, no
+        # log-softmax, and ~20x faster than torch.multinomial on a CPU; the same distribution.
+        z = logits / self.temperature
+        z = z - z.max(-1, keepdim=True).values
+        w = z.exp()
+        log_total = w.sum(-1).log()  # log Σ exp(z): the behaviour log-prob is z_tok − log_total
         if self.top_p < 1.0:
-            sorted_p, order = probs.sort(-1, descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p
-            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        # Inverse-CDF sampling: the same distribution as torch.multinomial, ~20x faster on a CPU.
-        cdf = probs.cumsum(-1)
+            sorted_w, order = w.sort(-1, descending=True)
+            drop = sorted_w.cumsum(-1) - sorted_w > self.top_p * log_total.exp()[:, None]
+            w = w.scatter(-1, order, sorted_w.masked_fill(drop, 0.0))
+        cdf = w.cumsum(-1)
         u = torch.rand(cdf.shape[0], 1, generator=self.gen, device=cdf.device) * cdf[:, -1:]
         tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
-        return tok, logp.gather(-1, tok[:, None])[:, 0]
+        return tok, z.gather(-1, tok[:, None])[:, 0] - log_total
 
     def _stopped(self, turn_tokens: list[int]) -> bool:
         tail = self.tok.decode(turn_tokens[-self._stop_window:])

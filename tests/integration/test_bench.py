@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = ["--prompts", "2", "--group", "2", "--mini-batch", "2", "--completion-tokens", "6", "--repeats", "1",
-       "--warmup", "0", "--loss-repeats", "2"]
+       "--rounds", "1", "--warmup", "0", "--loss-repeats", "2"]
 
 
 def small_world(root: Path) -> list[str]:
@@ -59,7 +59,7 @@ def test_gpu_benchmark_reports_rollout_speed_step_time_and_mfu(tmp_path):
         pytest.skip("no CUDA device")
     raw = tmp_path / "perf.json"
     proc = subprocess.run([sys.executable, "benchmarks/perf.py", "--device", "cuda", "--model", "qwen2-micro-16m",
-                           "--cases", "rollout", "step", "update", "--repeats", "2", "--json", str(raw),
+                           "--cases", "rollout", "step", "update", "--repeats", "2", "--rounds", "1", "--json", str(raw),
                            *small_world(tmp_path / "world")], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(raw.read_text())
