@@ -26,7 +26,7 @@ def test_perf_harness_runs_every_case_and_reports_each_measure(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = out.read_text()
     for row in ("rollout tokens/s, warm-started policy", "rollout tokens/s, untrained policy",
-                "GRPO training step, s", "SAPO's update over GRPO's", "peak memory", "## Threads and dtype",
+                "GRPO training step, s", "SAPO's term, share of the update", "peak memory", "## Threads and dtype",
                 "TRL GRPOTrainer", "regenerate each turn", "Machine:", "Versions:", "trl "):
         assert row in report, row
     assert report in proc.stdout  # printed too
