@@ -20,10 +20,8 @@ import time
 
 import torch
 
-from sapo_bench.prompts import INVALID_ACTION, observation
-from sapo_bench.retrieval import format_passages
 from sapo_bench.rewards import extract_answer, f1_score
-from sapo_bench.rollout import STOP_STRINGS, RolloutConfig, encode_prompts, parse_action
+from sapo_bench.rollout import STOP_STRINGS, RolloutConfig, encode_prompts, parse_action, respond
 
 
 def _cut_at_action(text: str) -> str:
@@ -61,7 +59,7 @@ def regenerate_rollout(model, tokenizer, retriever, questions: list[str], cfg: R
                              do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                              stop_strings=list(STOP_STRINGS), tokenizer=tokenizer, pad_token_id=pad)
         responses = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        queries, searching, inserts = [], [], {}
+        acting = {}
         for e, text in zip(active, responses):
             room = cfg.max_response_tokens - resp_len[e]
             ids_e = tokenizer(_cut_at_action(text), add_special_tokens=False)["input_ids"][:min(cfg.max_new_tokens, room)]
@@ -74,15 +72,9 @@ def regenerate_rollout(model, tokenizer, retriever, questions: list[str], cfg: R
             action, content = parse_action(text)
             if action == "answer" or final or resp_len[e] >= cfg.max_response_tokens or not ids_e:
                 continue
-            if action == "search":
-                searches[e] += 1
-                queries.append(content)
-                searching.append(e)
-            else:
-                inserts[e] = INVALID_ACTION
-        if queries:
-            for e, hits in zip(searching, retriever.search(queries, cfg.topk)):
-                inserts[e] = observation(format_passages(hits).strip(), cfg.template)
+            acting[e] = (action, content)
+            searches[e] += action == "search"
+        inserts = respond(acting, retriever, cfg)  # the same environment as sapo-bench's loop
         active = [e for e in active if e in inserts]
         for e in active:
             obs = tokenizer(inserts[e], add_special_tokens=False)["input_ids"][:cfg.max_obs_tokens]

@@ -329,6 +329,18 @@ def encode_prompts(tokenizer, questions: list[str], cfg: RolloutConfig) -> tuple
     return out, cut
 
 
+def respond(acting: dict[int, tuple[str | None, str]], retriever, cfg: RolloutConfig) -> dict[int, str]:
+    """The environment's reply to each episode that goes on, from its (action, content): the
+    retrieved passages for a search (one retriever call for the whole batch), else the
+    invalid-action feedback."""
+    inserts = {e: INVALID_ACTION for e, (action, _) in acting.items() if action != "search"}
+    searching = [e for e, (action, _) in acting.items() if action == "search"]
+    if searching:
+        for e, hits in zip(searching, retriever.search([acting[e][1] for e in searching], cfg.topk)):
+            inserts[e] = observation(format_passages(hits).strip(), cfg.template)
+    return inserts
+
+
 def rollout(engine, tokenizer, retriever, questions: list[str], cfg: RolloutConfig) -> RolloutBatch:
     prompts, prompts_cut = encode_prompts(tokenizer, questions, cfg)
     n = len(prompts)
@@ -345,7 +357,7 @@ def rollout(engine, tokenizer, retriever, questions: list[str], cfg: RolloutConf
         final = turn == cfg.max_turns
         budget = [min(cfg.max_new_tokens, cfg.max_response_tokens - len(resp[e])) for e in running]
         outs = engine.generate(budget)
-        queries, searching, inserts = [], [], {}
+        acting = {}  # the episodes that go on: their action and its content
         for e, out in zip(running, outs):
             turns[e] += 1
             resp[e] += out.tokens
@@ -360,16 +372,10 @@ def rollout(engine, tokenizer, retriever, questions: list[str], cfg: RolloutConf
             if len(resp[e]) >= cfg.max_response_tokens:  # the response budget is spent: no room to go on
                 ctx_cut += 1
                 continue
-            if action == "search":
-                searches[e] += 1
-                queries.append(content)
-                searching.append(e)
-            else:
-                invalid[e] += 1
-                inserts[e] = INVALID_ACTION
-        if queries:
-            for e, hits in zip(searching, retriever.search(queries, cfg.topk)):
-                inserts[e] = observation(format_passages(hits).strip(), cfg.template)
+            acting[e] = (action, content)
+            searches[e] += action == "search"
+            invalid[e] += action != "search"
+        inserts = respond(acting, retriever, cfg)
         running = [e for e in running if e in inserts]
         if not running:
             break
