@@ -3,18 +3,22 @@
     make bench    # python benchmarks/perf.py --out benchmarks/reports/performance.md
 
 Each case runs in a fresh process (its own peak memory; no thread, allocator or cache state
-carried over) and reports the median over --repeats timed repeats after --warmup untimed ones.
+carried over). The cases take turns over --rounds passes, so a slow spell of the machine hits
+both sides of a comparison; timings are pooled and reported as medians, after --warmup untimed
+repeats per process.
 
-  rollout   multi-turn episodes of the warm-started micro policy under the micro protocol
-            (8 questions × 5, up to 3 searches, 32 tokens a turn, BM25 top-3): sapo-bench's
-            `rollout` against `peers.regenerate_rollout` (Search-R1's loop, `model.generate`
-            afresh on the whole context each turn). Same model, batch, retriever and budgets.
+  rollout   multi-turn episodes under the micro protocol (8 questions × 5, up to 3 searches,
+            32 tokens a turn, BM25 top-3) of the warm-started policy, and of an untrained one
+            that uses every turn: sapo-bench's `rollout` against `peers.regenerate_rollout`
+            (Search-R1's loop, `model.generate` afresh on the whole context each turn). Same
+            model, batch, retriever and budgets; positions computed and time in the model and
+            the retriever say where the time goes.
   step      one GRPO training step (rollout + 4 optimiser steps on 10 responses each), a
             single-turn task with an untrained model so completions run their full length:
             sapo-bench's SearchAgentRLModule under Lightning against TRL's GRPOTrainer.
   update    the update alone on one stored multi-turn batch, GRPO and SAPO alternating, each
             from the same weights and optimiser state; and the policy loss alone.
-  settings  torch threads and dtype, measured rather than assumed.
+  settings  torch threads (one process alone, one per core at once) and dtype, by measurement.
 
 On a GPU (`--device cuda`) the step case also reports model FLOPs utilisation.
 """
