@@ -59,7 +59,7 @@ smoke: install
 	$(VENV)/bin/sapo-sweep micro_smoke $(JOBS_FLAG); status=$$?; \
 	$(VENV)/bin/sapo-report micro_smoke --out results/smoke --made-by "make smoke" || status=1; exit $$status
 
-# Speed and memory against a Search-R1-style loop and TRL, side by side (about 10 min on 2 cores):
+# Speed and memory against a Search-R1-style loop and TRL, side by side (about 5 min on 2 cores):
 # prints the comparison table and writes benchmarks/reports/performance.md. BENCH_ARGS adds options
 # (python benchmarks/perf.py --help), e.g. on a GPU:
 #   make bench BENCH_ARGS='--device cuda --model qwen2-micro-16m' BENCH_OUT=benchmarks/reports/performance-gpu.md

@@ -42,7 +42,6 @@ def regenerate_rollout(model, tokenizer, retriever, questions: list[str], cfg: R
     n = len(prompts)
     context = [list(p) for p in prompts]
     resp_len, generated, turns, searches = [0] * n, [0] * n, [0] * n, [0] * n
-    texts = [[] for _ in range(n)]
     active = list(range(n))
     for turn in range(cfg.max_turns + 1):
         if not active:
@@ -68,7 +67,6 @@ def regenerate_rollout(model, tokenizer, retriever, questions: list[str], cfg: R
             generated[e] += len(ids_e)
             resp_len[e] += len(ids_e)
             context[e] += ids_e
-            texts[e].append(text)
             action, content = parse_action(text)
             if action == "answer" or final or resp_len[e] >= cfg.max_response_tokens or not ids_e:
                 continue
@@ -82,8 +80,7 @@ def regenerate_rollout(model, tokenizer, retriever, questions: list[str], cfg: R
             context[e] += obs
             resp_len[e] += len(obs)
         active = [e for e in active if resp_len[e] < cfg.max_response_tokens]
-    return {"generated_tokens": sum(generated), "episodes": n, "searches": sum(searches), "turns": sum(turns),
-            "answers": [extract_answer("".join(t)) for t in texts]}
+    return {"generated_tokens": sum(generated), "searches": sum(searches), "turns": sum(turns)}
 
 
 class TRLRunner:
@@ -97,7 +94,6 @@ class TRLRunner:
                  mini_batch_size: int, completion_tokens: int, lr: float, clip_eps: float, beta: float,
                  entropy_coef: float, temperature: float, seed: int, workdir: str, device: str = "cpu"):
         from datasets import Dataset
-        from trl import GRPOConfig
 
         n_responses = prompts_per_step * group_size
         if n_responses % mini_batch_size:
@@ -120,13 +116,12 @@ class TRLRunner:
             epsilon=clip_eps, beta=beta, entropy_coef=entropy_coef, loss_type="dapo", scale_rewards="group",
             num_iterations=1, logging_steps=self.steps_per_round, save_strategy="no", report_to="none",
             disable_tqdm=True, log_completions=False, seed=seed, data_seed=seed, dataloader_num_workers=0)
-        self.config_cls = GRPOConfig
         self.completion_lengths: list[float] = []
 
     def run(self, rounds: int) -> list[float]:
         """Seconds per generation round (rollout + its optimiser steps), in order."""
         from transformers import PrinterCallback, TrainerCallback
-        from trl import GRPOTrainer
+        from trl import GRPOConfig, GRPOTrainer
 
         marks: list[float] = []
 
@@ -141,7 +136,7 @@ class TRLRunner:
             return [0.0 if (a := extract_answer(c)) is None else f1_score(a, g)
                     for c, g in zip(completions, golden_answers)]
 
-        args = self.config_cls(**self.args, max_steps=rounds * self.steps_per_round)
+        args = GRPOConfig(**self.args, max_steps=rounds * self.steps_per_round)
         trainer = GRPOTrainer(model=self.model_dir, reward_funcs=reward, args=args, train_dataset=self.dataset,
                               processing_class=self.tokenizer, callbacks=[Clock()])
         trainer.remove_callback(PrinterCallback)  # its per-round log lines; the lengths are read below

@@ -98,7 +98,8 @@ def setup(args, overrides: list[str]):
     from sapo_bench.rollout import RolloutConfig
     from sapo_bench.train import prepare
 
-    cfg = compose([f"model={args.model}", f"cpu_threads={args.threads}", *overrides, *args.override])
+    gpu = ["trainer=gpu"] if args.device.startswith("cuda") else []
+    cfg = compose([f"model={args.model}", f"cpu_threads={args.threads}", *gpu, *overrides, *args.override])
     torch.set_num_threads(args.threads)
     prepare(cfg)
     retriever = build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True))
@@ -111,6 +112,11 @@ def train_questions(cfg, n: int) -> list[dict]:
 
     rows = load_train_mix(cfg.data.source, seed=0)
     return [rows[i] for i in range(n)]
+
+
+def group_questions(args, cfg) -> list[str]:
+    """One rollout batch: the first --prompts training questions, each --group times."""
+    return [r["question"] for r in train_questions(cfg, args.prompts) for _ in range(args.group)]
 
 
 def warm_policy(args, cfg, retriever, rcfg):
@@ -135,8 +141,7 @@ def case_rollout(args, side: str, policy: str) -> dict:
     else:
         model, tok = fresh_policy(args, cfg)
         model = model.to(args.device).eval()
-    rows = train_questions(cfg, args.prompts)
-    questions = [r["question"] for r in rows for _ in range(args.group)]
+    questions = group_questions(args, cfg)
     # Where the time goes: token positions the model computes (padding included), seconds inside
     # the model's forward, seconds inside the retriever; the rest is the loop itself.
     clock = {"positions": 0, "forward_s": 0.0, "retrieval_s": 0.0, "t": 0.0}
@@ -196,8 +201,7 @@ def single_turn_overrides(args) -> list[str]:
     return ["rollout.max_turns=0", f"rollout.max_new_tokens={L}", f"rollout.max_response_tokens={L}",
             f"train.prompts_per_step={args.prompts}", f"train.group_size={args.group}",
             f"train.mini_batch_size={args.mini_batch}", f"train.micro_batch_size={args.mini_batch}",
-            f"train.max_steps={args.warmup + args.repeats}", "algo=grpo",
-            *(["trainer=gpu"] if args.device.startswith("cuda") else [])]
+            f"train.max_steps={args.warmup + args.repeats}", "algo=grpo"]
 
 
 def fresh_policy(args, cfg):
@@ -293,7 +297,7 @@ def case_update(args) -> dict:
     from sapo_bench.module import SearchAgentRLModule, TrainConfig
 
     overrides = [f"train.prompts_per_step={args.prompts}", f"train.group_size={args.group}"]
-    cfg, retriever, rcfg = setup(args, [*overrides, *(["trainer=gpu"] if args.device.startswith("cuda") else [])])
+    cfg, retriever, rcfg = setup(args, overrides)
     model, tok = warm_policy(args, cfg, retriever, rcfg)
     model.train()
     tcfg = TrainConfig(**{**OmegaConf.to_container(cfg.train, resolve=True), "max_steps": 1})
@@ -355,7 +359,7 @@ def case_probe(args) -> dict:
 
     cfg, retriever, rcfg = setup(args, [])
     model, tok = warm_policy(args, cfg, retriever, rcfg)
-    questions = [r["question"] for r in train_questions(cfg, args.prompts) for _ in range(args.group)]
+    questions = group_questions(args, cfg)
     b = rollout(HFEngine(model, tok, generator=torch.Generator().manual_seed(0)), tok, retriever, questions, rcfg)
     model.train()
     t = time.perf_counter()
@@ -376,7 +380,7 @@ def case_dtype(args) -> dict:
 
     cfg, retriever, rcfg = setup(args, [])
     model, tok = warm_policy(args, cfg, retriever, rcfg)
-    questions = [r["question"] for r in train_questions(cfg, args.prompts) for _ in range(args.group)]
+    questions = group_questions(args, cfg)
     batch = rollout(HFEngine(model, tok, generator=torch.Generator().manual_seed(0)), tok, retriever, questions, rcfg)
     sl = slice(0, args.mini_batch)
     ids, att, mask = batch.input_ids[sl], batch.attention_mask[sl], batch.loss_mask[sl]

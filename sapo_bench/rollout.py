@@ -52,8 +52,7 @@ class RolloutConfig:
     backend: str = "hf"             # the Engine that generates (ENGINES)
 
     def __post_init__(self):
-        if self.backend not in ENGINES:
-            raise ValueError(f"unknown rollout backend {self.backend!r}; valid: {', '.join(sorted(ENGINES))}")
+        engine_factory(self.backend)  # an unknown name fails here, listing the valid ones
 
 
 def parse_action(text: str) -> tuple[str | None, str]:
@@ -135,12 +134,15 @@ def register_engine(name: str):
     return deco
 
 
-def make_engine(backend: str, model, tokenizer, **sampling) -> Engine:
+def engine_factory(backend: str) -> Callable[..., Engine]:
     try:
-        factory = ENGINES[backend]
+        return ENGINES[backend]
     except KeyError:
         raise ValueError(f"unknown rollout backend {backend!r}; valid: {', '.join(sorted(ENGINES))}") from None
-    return factory(model, tokenizer, **sampling)
+
+
+def make_engine(backend: str, model, tokenizer, **sampling) -> Engine:
+    return engine_factory(backend)(model, tokenizer, **sampling)
 
 
 class ScriptedEngine:
