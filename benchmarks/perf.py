@@ -96,7 +96,7 @@ def setup(args, overrides: list[str]):
 
     from sapo_bench.retrieval import build_retriever
     from sapo_bench.rollout import RolloutConfig
-    from sapo_bench.train import prepare
+    from sapo_bench.runtime import prepare
 
     gpu = ["trainer=gpu"] if args.device.startswith("cuda") else []
     cfg = compose([f"model={args.model}", f"cpu_threads={args.threads}", *gpu, *overrides, *args.override])
@@ -120,7 +120,7 @@ def group_questions(args, cfg) -> list[str]:
 
 
 def warm_policy(args, cfg, retriever, rcfg):
-    from sapo_bench.train import load_policy_for
+    from sapo_bench.runtime import load_policy_for
 
     model, tok, _ = load_policy_for(cfg, retriever, rcfg)
     return model.to(args.device).eval(), tok
@@ -493,7 +493,7 @@ ROLLOUTS = {"rollout": "warm-started policy", "rollout-untrained": "untrained po
 
 
 def render(args, res: dict, argv: list[str], seconds: float) -> str:
-    from sapo_bench.train import git_commit, machine
+    from sapo_bench.runtime import git_commit, machine
 
     lines = [
         "# Performance: sapo-bench against a Search-R1-style loop and TRL",

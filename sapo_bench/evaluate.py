@@ -24,8 +24,7 @@ from sapo_bench.data import DATASETS, load_eval
 from sapo_bench.io import atomic_write_json
 from sapo_bench.rewards import exact_match, f1_score
 from sapo_bench.rollout import RolloutConfig, make_engine, rollout
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from sapo_bench.runtime import CONF_DIR, RetryingRetriever, load_policy_for, prepare_data, set_threads
 
 
 def score(answers: list[str | None], golds: list[list[str]]) -> list[tuple[float, float]]:
@@ -34,25 +33,34 @@ def score(answers: list[str | None], golds: list[list[str]]) -> list[tuple[float
 
 
 @torch.no_grad()
-def evaluate_policy(model, tokenizer, retriever, sets: dict, rcfg: RolloutConfig, batch_size: int = 64) -> dict:
-    """{dataset: {em, f1, n}} by greedy rollout."""
-    model.eval()
+def evaluate_batches(sets: dict, run_batch, batch_size: int = 64) -> dict:
+    """{dataset: {em, f1, n}}: `run_batch(rows)` rolls out one batch of a set's rows (a
+    `datasets.Dataset` slice) and returns its RolloutBatch. Every policy and baseline row of a
+    table is scored here, so they differ only in who acts."""
     out = {}
     for name, ds in sets.items():
         scores = []
         for s in range(0, len(ds), batch_size):
             rows = ds.select(range(s, min(s + batch_size, len(ds))))
-            engine = make_engine(rcfg.backend, model, tokenizer, greedy=True)
-            batch = rollout(engine, tokenizer, retriever, rows["question"], rcfg)
-            scores += score(batch.answers, rows["golden_answers"])
+            scores += score(run_batch(rows).answers, rows["golden_answers"])
         n = max(len(scores), 1)
         out[name] = {"em": sum(s[0] for s in scores) / n, "f1": sum(s[1] for s in scores) / n, "n": len(scores)}
     return out
 
 
-def _policy(cfg: DictConfig, retriever, rcfg: RolloutConfig):
-    from sapo_bench.train import load_policy_for, prepare_data
+@torch.no_grad()
+def evaluate_policy(model, tokenizer, retriever, sets: dict, rcfg: RolloutConfig, batch_size: int = 64) -> dict:
+    """{dataset: {em, f1, n}} by greedy rollout."""
+    model.eval()
 
+    def run_batch(rows):
+        engine = make_engine(rcfg.backend, model, tokenizer, greedy=True)
+        return rollout(engine, tokenizer, retriever, rows["question"], rcfg)
+
+    return evaluate_batches(sets, run_batch, batch_size)
+
+
+def _policy(cfg: DictConfig, retriever, rcfg: RolloutConfig):
     ckpt = cfg.get("checkpoint")
     if ckpt and Path(ckpt).is_dir():
         from sapo_bench.models import load_pretrained
@@ -72,9 +80,6 @@ def _policy(cfg: DictConfig, retriever, rcfg: RolloutConfig):
 
 def run_eval(cfg: DictConfig) -> dict:
     from sapo_bench.retrieval import build_retriever
-    from sapo_bench.train import RetryingRetriever
-
-    from sapo_bench.train import set_threads
 
     start = time.time()
     set_threads(cfg)

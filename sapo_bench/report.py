@@ -6,11 +6,13 @@
 
 An experiment's runs are found exactly as sapo-sweep finds them (the same grid, the same overrides),
 so a table lists every run it should have: finished ones in the cells, failed or missing ones
-named under it. Measured tables: rows backbone x method; columns the seven test sets, the 1-hop,
+named under it. Measured tables: rows backbone x method (at micro scale the baseline rows of
+sapo_bench.baselines and the warm start come first); columns the seven test sets, the 1-hop,
 multi-hop and overall averages (recomputed, unweighted); cells mean ± std over seeds with n; the
-difference of each method's average to the baseline row (GRPO, i.e. Search-R1) on the same
-backbone, paired by seed, with a 95% t-interval; collapsed runs flagged. The published numbers
-(results/reference/) go to a separate table, published.{md,csv,tex}, never into measured cells.
+difference of each method's average to the baseline method (GRPO, i.e. Search-R1) on the same
+backbone, paired by seed, with a 95% t-interval, and to the no-search row; collapsed runs flagged.
+The published numbers (results/reference/) go to a separate table, published.{md,csv,tex}, never
+into measured cells.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from sapo_bench.baselines import BASELINES
 from sapo_bench.data import DATASETS, DISPLAY, MULTI_HOP, SINGLE_HOP
 from sapo_bench.io import atomic_write_text
+from sapo_bench.runtime import git_commit
 from sapo_bench.sweep import Run, expand, split_args
 
 REFERENCE_COLUMNS = ["source", "table", "backbone", "method", "dataset", "metric", "value", "note"]
@@ -129,6 +133,9 @@ SUMMARY = list(AVERAGES)  # "1-hop", "multi-hop", "avg"
 # Below this baseline average a relative difference says nothing (0.0005 -> 0.02 is "+3900%").
 MIN_RELATIVE_BASE = 0.01
 WARM_START = "warm start"
+NO_SEARCH = "no_search"       # the baseline every policy row is compared with (Δ Avg vs no search)
+MODEL_FREE = ("common_answer", "oracle")  # no model involved: one row per table, not per backbone
+NO_BACKBONE = "—"
 # A run whose policy has stopped producing valid actions: the invalid-action rate (search or answer
 # tags missing) averaged over its last 3 training steps. The collapse detector looks for ratio
 # drift (DESIGN §6); this catches the other way a run fails, an entropy runaway.
@@ -192,22 +199,43 @@ def paired_difference(diffs: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def _single_row(backbone: str, method: str, kind: str, per_dataset: dict, metric: str) -> dict:
+    """A row measured once (a baseline, the warm start): means, no stds."""
+    w = with_averages(pd.DataFrame([{d: v[metric] for d, v in per_dataset.items()}])).iloc[0]
+    return {"backbone": backbone, "method": method, "kind": kind, "n": 1, "n_runs": 1,
+            **{f"{c}_mean": w[c] for c in w.index}, **{f"{c}_std": math.nan for c in w.index}}
+
+
 def measured_table(runs: pd.DataFrame, baseline: str = "grpo", metric: str = "em") -> pd.DataFrame:
-    """Rows (backbone, method) in grid order, a warm-start row first where runs report one."""
-    out = []
+    """Rows in grid order: per backbone its baseline rows, the warm-start row and the trained rows,
+    where runs report them; model-free baselines once, first, under backbone NO_BACKBONE."""
+    out, top = [], []
     done = runs[runs.state == "done"]
     for backbone in dict.fromkeys(runs.backbone):
         mine = done[done.backbone == backbone]
+        # Runs of one backbone share their warm start, so the first that reports baselines speaks for all.
+        reported = [res["baselines"] for res in mine.result if res.get("baselines")]
+        no_search_avg = math.nan
+        for name, label in BASELINES.items():
+            if not reported or not reported[0].get(name):
+                continue
+            if name in MODEL_FREE:
+                if not any(r["method"] == label for r in top):
+                    top.append(_single_row(NO_BACKBONE, label, "baseline", reported[0][name], metric))
+                continue
+            out.append(_single_row(backbone, label, "baseline", reported[0][name], metric))
+            if name == NO_SEARCH:
+                no_search_avg = out[-1]["avg_mean"]
         warm = [res["warmstart"] for res in mine.result if res.get("warmstart")]
         if warm:
-            w = with_averages(pd.DataFrame([{d: v[metric] for d, v in warm[0].items()}])).iloc[0]
-            out.append({"backbone": backbone, "method": WARM_START, "n": 1, "n_runs": 1,
-                        **{f"{c}_mean": w[c] for c in w.index}, **{f"{c}_std": math.nan for c in w.index}})
+            out.append(_single_row(backbone, WARM_START, "warmstart", warm[0], metric))
+            if not pd.isna(no_search_avg) and not pd.isna(out[-1]["avg_mean"]):
+                out[-1]["delta_ns"] = out[-1]["avg_mean"] - no_search_avg
         base = mine[mine.method == baseline]
         base_avg = dict(zip(base.seed, scores(list(base.result), metric).avg)) if len(base) else {}
         for method in dict.fromkeys(runs[runs.backbone == backbone].method):
             sub = mine[mine.method == method]
-            row = {"backbone": backbone, "method": method, "n": len(sub),
+            row = {"backbone": backbone, "method": method, "kind": "trained", "n": len(sub),
                    "n_runs": int(((runs.backbone == backbone) & (runs.method == method)).sum())}
             if len(sub):
                 sc = scores(list(sub.result), metric)
@@ -225,8 +253,43 @@ def measured_table(runs: pd.DataFrame, baseline: str = "grpo", metric: str = "em
                     b_mean = sum(b for _, b in pairs) / len(pairs)
                     row.update(delta=d, delta_lo=lo, delta_hi=hi, n_pairs=len(pairs),
                                delta_rel=d / b_mean if b_mean >= MIN_RELATIVE_BASE else math.nan)
+                # The no-search row is one number, not a seed of its own: a one-sample interval.
+                above = [a - no_search_avg for a in sc.avg if not pd.isna(a)]
+                if not pd.isna(no_search_avg) and above:
+                    d, lo, hi = paired_difference(above)
+                    row.update(delta_ns=d, delta_ns_lo=lo, delta_ns_hi=hi)
             out.append(row)
-    return pd.DataFrame(out)
+    table = pd.DataFrame(top + out)
+    vs_none = [c for c in ("delta_ns", "delta_ns_lo", "delta_ns_hi") if c in table]
+    return table[[c for c in table.columns if c not in vs_none] + vs_none]
+
+
+def _kind(r) -> str:
+    """A row's kind; tables made before the kind column tell the warm start by its name."""
+    kind = r.get("kind")
+    return kind if isinstance(kind, str) else "warmstart" if r.method == WARM_START else "trained"
+
+
+def no_search_verdicts(table: pd.DataFrame) -> list[str]:
+    """One line per backbone with a no-search row: which trained rows do not clearly beat it
+    (Δ Avg vs no search ≤ 0, or a 95% interval that does not exclude 0), or that every one does."""
+    lines = []
+    if "delta_ns" not in table or "kind" not in table:
+        return lines
+    label = BASELINES[NO_SEARCH]
+    for backbone in dict.fromkeys(table.backbone):
+        mine = table[table.backbone == backbone]
+        trained = mine[(mine.kind == "trained") & mine.delta_ns.notna()]
+        if not ((mine.kind == "baseline") & (mine.method == label)).any() or trained.empty:
+            continue
+        weak = [r.method for r in trained.itertuples() if not (r.delta_ns > 0 and r.delta_ns_lo > 0)]
+        if weak:
+            lines.append(f"{backbone}: {', '.join(weak)} {'does' if len(weak) == 1 else 'do'} not clearly beat "
+                         "no search (Δ Avg vs no search ≤ 0, or its 95% interval does not exclude 0).")
+        else:
+            lines.append(f"{backbone}: every trained row beats no search (its 95% interval of Δ Avg vs no search "
+                         "lies above 0).")
+    return lines
 
 
 def _cell(mean, std, tex: bool = False) -> str:
@@ -244,19 +307,23 @@ def display_rows(table: pd.DataFrame, baseline: str, tex: bool = False) -> tuple
     cols = list(DATASETS) + SUMMARY
     names = {**DISPLAY, "1-hop": "1-hop", "multi-hop": "Multi-hop", "avg": "Avg"}
     header = ["Backbone", "Method", "n"] + [names[c] for c in cols]
-    header += [f"Δ Avg vs {baseline}", "Δ %", "95% CI", "collapsed", "degenerate"]
+    header += [f"Δ Avg vs {baseline}", "Δ %", "95% CI", "Δ Avg vs no search", "collapsed", "degenerate"]
     rows = []
     for _, r in table.iterrows():
+        trained = _kind(r) == "trained"
         method = r.method + ("†" if r.get("collapsed", 0) > 0 else "") + ("‡" if r.get("degenerate", 0) > 0 else "")
-        n = "1" if r.method == WARM_START else f"{r.n}/{r.n_runs}" if r.n < r.n_runs else str(r.n)
+        n = "1" if not trained else f"{r.n}/{r.n_runs}" if r.n < r.n_runs else str(r.n)
         cells = [_cell(r.get(f"{c}_mean"), r.get(f"{c}_std"), tex) for c in cols]
         ci = "" if pd.isna(r.get("delta_lo", math.nan)) else f"[{r.delta_lo:+.3f}, {r.delta_hi:+.3f}]"
         rel = _signed(r.get("delta_rel"), "{:+.0%}").replace("%", r"\%" if tex else "%")
-        collapsed = "" if r.method == WARM_START or r.n == 0 else (
+        vs_none = _signed(r.get("delta_ns")) + ("" if pd.isna(r.get("delta_ns_lo", math.nan))
+                                                 else f" [{r.delta_ns_lo:+.3f}, {r.delta_ns_hi:+.3f}]")
+        collapsed = "" if not trained or r.n == 0 else (
             f"{int(r.collapsed)}/{r.n}" + (f" (step {r.collapse_steps})" if r.collapsed else ""))
-        degenerate = "" if r.method == WARM_START or r.n == 0 else (
+        degenerate = "" if not trained or r.n == 0 else (
             f"{int(r.degenerate)}/{r.n}" + (f" (from step {r.degenerate_steps})" if r.degenerate else ""))
-        rows.append([r.backbone, method, n] + cells + [_signed(r.get("delta")), rel, ci, collapsed, degenerate])
+        rows.append([r.backbone, method, n] + cells
+                    + [_signed(r.get("delta")), rel, ci, vs_none, collapsed, degenerate])
     return header, rows
 
 
@@ -266,7 +333,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _tex_text(s: str) -> str:
-    return _tex(s).replace("Δ", r"$\Delta$").replace("†", r"$^\dagger$").replace("‡", r"$^\ddagger$").replace("–", "--").replace("±", r"$\pm$")
+    return _tex(s).replace("Δ", r"$\Delta$").replace("†", r"$^\dagger$").replace("‡", r"$^\ddagger$").replace("—", "---").replace("–", "--").replace("±", r"$\pm$")
 
 
 def latex_table(header: list[str], rows: list[list[str]], caption: str) -> str:
@@ -285,8 +352,6 @@ def latex_table(header: list[str], rows: list[list[str]], caption: str) -> str:
 
 
 def provenance(runs: pd.DataFrame, command: str) -> str:
-    from sapo_bench.train import git_commit
-
     def short(commit: str) -> str:
         return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
 
@@ -316,9 +381,20 @@ def write_experiment(experiment: str, overrides: list[str], out: Path, command: 
              "run (the collapse detector's ratio drift, DESIGN §6), ‡ rows with a degenerate run (invalid actions in "
              f"≥ {DEGENERATE_INVALID:.0%} of episodes over its last 3 steps; the step it began): their cells include "
              "them. "
-             + (f"`{WARM_START}` is the supervised starting point every run of that backbone begins from.\n\n"
+             + (f"`{WARM_START}` is the supervised starting point every run of that backbone begins from; the seeds "
+                "of a backbone share it, so the ± spread is RL's alone, not the warm start's (README, Results). "
+                f"Baseline rows (n = 1, the warm start's questions, scored like every row): *{BASELINES['common_answer']}* "
+                f"gives every question the train mix's most common gold answer; *{BASELINES['no_search']}* "
+                f"and *{BASELINES['naive_rag']}* are the warm-started policy, greedy, made to answer at once or after "
+                f"one search with the question as query; *{BASELINES['oracle']}* searches each question's gold chain by "
+                "title and copies the gold answer only if every evidence string was retrieved (the ceiling). Rows "
+                f"without a model are shown once, backbone {NO_BACKBONE}. Δ Avg vs no search is a row's average minus "
+                "its backbone's no-search average, mean over seeds with a one-sample 95% t-interval.\n\n"
                 if micro else "\n\n"),
              markdown_table(header, rows)]
+    verdicts = no_search_verdicts(table)
+    if verdicts:
+        parts.append("\n" + "".join(f"* {line}\n" for line in verdicts))
     missing = runs[runs.state != "done"]
     if len(missing):
         parts.append(f"\nNot in the cells ({len(missing)}):\n\n")
@@ -339,7 +415,8 @@ def write_experiment(experiment: str, overrides: list[str], out: Path, command: 
     atomic_write_text(written[2], latex_table(header, tex_rows, caption))
     from sapo_bench.figures import experiment_figures
 
-    written += experiment_figures(experiment, title, runs, table, out / "figures")
+    # The figures compare what was trained; the baseline rows stay in the tables.
+    written += experiment_figures(experiment, title, runs, table[table.kind != "baseline"], out / "figures")
     return written
 
 

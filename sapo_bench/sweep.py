@@ -37,7 +37,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from sapo_bench.io import atomic_write_json
-from sapo_bench.train import CONF_DIR, RunConflict, config_hash, finished_result
+from sapo_bench.runtime import CONF_DIR, RunConflict, config_hash, finished_result, prepare
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -188,8 +188,6 @@ def launch(run: Run, slot: int, gpu: bool) -> subprocess.Popen:
 
 def sweep(runs: list[Run], jobs: int, out=print) -> dict[str, list[Run]]:
     """Run what is not finished; returns the runs by final state (done / failed / conflict)."""
-    from sapo_bench.train import prepare
-
     states = {id(r): r.state() for r in runs}
     conflicts = [r for r in runs if states[id(r)] == "conflict"]
     for r in conflicts:

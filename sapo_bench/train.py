@@ -12,12 +12,8 @@ interrupted one resumes from checkpoints/last.ckpt.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
-import os
-import platform
-import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -32,12 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from sapo_bench.algos import Algo
 from sapo_bench.data import load_eval, load_train_and_validation
-from sapo_bench.io import atomic_write_json, atomic_write_text, file_lock
+from sapo_bench.io import atomic_write_json, atomic_write_text
 from sapo_bench.module import SearchAgentRLModule, TrainConfig
 from sapo_bench.retrieval import build_retriever
 from sapo_bench.rollout import RolloutConfig
+from sapo_bench.runtime import (CONF_DIR, RetryingRetriever, config_hash, finished_result, git_commit,
+                                load_policy_for, machine, prepare_data, set_threads)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("sapo_bench")
 
 
@@ -74,114 +71,6 @@ class JsonlLogger(Logger):
             keep = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("train/step", 0) <= last_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in keep))
-
-
-class RetryingRetriever:
-    """Retries a failing retriever, then stops the run with a clear error (its checkpoint stays)."""
-
-    def __init__(self, inner, tries: int = 3, wait: float = 2.0):
-        self.inner, self.tries, self.wait = inner, tries, wait
-
-    def search(self, queries, k=3):
-        for attempt in range(1, self.tries + 1):
-            try:
-                return self.inner.search(queries, k)
-            except Exception as e:  # noqa: BLE001 - any failure of the tool is retried the same way
-                if attempt == self.tries:
-                    raise RuntimeError(f"retriever failed {self.tries} times, stopping the run "
-                                       f"(the last checkpoint is kept): {e}") from e
-                log.warning("retriever failed (%s), retry %d/%d", e, attempt, self.tries - 1)
-                time.sleep(self.wait * attempt)
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=CONF_DIR.parent,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=CONF_DIR.parent).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-# Keys that say where a run goes, how fast, or how a table shows it; not what it computes.
-NOT_IDENTITY = ("run_dir", "out_root", "hydra", "cpu_threads", "checkpoint_every", "checkpoint", "out", "report")
-
-
-def machine() -> str:
-    """What a run ran on, for the tables' provenance line: CPU model and cores, and the GPU if any."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu} ({os.cpu_count()} cores){gpu}"
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """Identity of what was run: the resolved config without where it was written or how fast."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    for k in NOT_IDENTITY:
-        c.pop(k, None)
-    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def set_threads(cfg: DictConfig) -> None:
-    if cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg.cpu_threads))
-
-
-def prepare_data(cfg: DictConfig) -> None:
-    """The micro world is generated on first use (seconds); real datasets must already exist."""
-    if cfg.data.kind == "micro" and not (Path(cfg.data.root) / "world.json").exists():
-        from sapo_bench.world import WorldConfig, write_world
-
-        write_world(cfg.data.root, WorldConfig(seed=cfg.data.world_seed, scale=cfg.data.world_scale))
-
-
-def prepare(cfg: DictConfig) -> None:
-    """Build what every run of a sweep shares (world, tokenizer, retrieval index) once, up front."""
-    prepare_data(cfg)
-    build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True))
-    if cfg.model.kind == "micro":
-        from sapo_bench.models import micro_tokenizer
-
-        micro_tokenizer(cfg.data.root)
-
-
-def load_policy_for(cfg: DictConfig, retriever, rcfg: RolloutConfig):
-    """(model, tokenizer, warm-start report or None)."""
-    if cfg.model.kind == "micro":
-        from sapo_bench.warmstart import WarmStartConfig, warm_start
-
-        # Parallel runs of one model wait for the first to build its warm start, then load it.
-        with file_lock(Path(cfg.data.root) / ".cache" / f"warmstart-{cfg.model.name}.lock"):
-            return warm_start(cfg.model.name, cfg.data.root, retriever, rcfg, WarmStartConfig(**cfg.warmstart),
-                              seed=cfg.data.world_seed)
-    from sapo_bench.models import load_policy
-
-    model, tok = load_policy(cfg.model)
-    return model, tok, None
-
-
-class RunConflict(RuntimeError):
-    """A run folder already holds a finished run of a different configuration."""
-
-
-def finished_result(run_dir: Path, cfg_hash: str) -> dict | None:
-    """The finished result in run_dir, None if there is none; a different configuration's is an error."""
-    path = Path(run_dir) / "result.json"
-    if not path.exists():
-        return None
-    result = json.loads(path.read_text())
-    if result["run"].get("config_hash") != cfg_hash:
-        raise RunConflict(f"{path} holds a finished run of another configuration (config hash "
-                          f"{result['run'].get('config_hash')}, this one is {cfg_hash}); it is kept: move it away, "
-                          "or give this run another out_root or setting")
-    return result
 
 
 def train(cfg: DictConfig) -> dict:
@@ -254,6 +143,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         "test": test,
         "test_em_avg": sum(em.values()) / max(len(em), 1),
         "warmstart": warm["test"] if warm else None,
+        "baselines": warm.get("baselines") if warm else None,
     }
     if trainer.is_global_zero:
         atomic_write_json(result_path, result)

@@ -17,6 +17,14 @@ How the world is built, and why:
 5. metadata records hops, type, template, the chain of passage ids a searcher must read (their
    titles are the ideal queries) and evidence: (passage id, string) pairs that must appear.
 6. Same seed → byte-identical files (no set iteration, no hash-order dependence).
+7. It is an instrument (DESIGN §8a), so it refuses to be gamed: no alias word is shared by
+   hundreds of golds (no "X City", no "Ltd."), yes/no answers alternate by construction, and
+   `check_shortcuts` measures the most common answer and the best constant string of every split
+   before anything is written; a world that breaks a bound is an error, never a file.
+8. Every column is learnable: the NQ mirror asks every single-hop relation, the HotpotQA mirror
+   every two-hop path and comparison that any test mirror asks (RELATIONS, PATHS); the other
+   mirrors change the wording, the entities (PopQA's long tail) or both (Bamboogle's forms).
+9. One fact a sentence, so a small reader finds each answer next to the word that asks for it.
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ import hashlib
 import itertools
 import json
 import random
+import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,7 +92,7 @@ NOUN = ("Harbour Orchard Lantern Meridian Archive Tide Citadel Sparrow Causeway 
         "Compass Bell Voyage Furnace Island Letter Crown Bridge Shore").split()
 CITY_END = "ford mouth holt wick port bury stead haven mere field gate brook".split()
 COUNTRY_END = ["ia", "ora", "land", "ar", "enia"]
-FORMS = ["Republic", "Kingdom", "Federation", "Commonwealth"]
+FORMS = ["Republic", "Kingdom", "Federation", "Commonwealth", "Union", "Confederacy"]
 
 
 def _syllable(rng: random.Random) -> str:
@@ -99,7 +109,7 @@ def _unique(rng, make, taken: set, tries: int = 1000) -> str:
         if s not in taken:
             taken.add(s)
             return s
-    raise RuntimeError("the name space is exhausted; lower the entity counts")
+    raise WorldError("the name space is exhausted; lower the entity counts")
 
 
 def _near(name: str, rng: random.Random) -> str:
@@ -129,16 +139,22 @@ class World:
         rng = self.rng = random.Random(cfg.seed)
         taken: set[str] = set()
         self.countries = []
-        for _ in range(cfg.n(cfg.countries)):
+        # At least 12 countries (where the cities allow): with the 4 of a 0.1-scale world, one
+        # country answered 14% of 2Wiki's questions.
+        for _ in range(min(max(12, cfg.n(cfg.countries)), cfg.n(cfg.cities))):
             root = _unique(rng, lambda r: _word(r, 1) + r.choice(COUNTRY_END), taken)
             demonym = root + "n" if root.endswith("a") else root + "ian"
+            # The official name is not a gold alias: its form word ("Republic of") is shared by a
+            # sixth of the countries, and as a constant answer "Republic of" scored F1 0.22 on 2Wiki.
             official = f"{rng.choice(FORMS)} of {root}"
-            self.countries.append(Entity("country", root, [root, official], {"official": official, "demonym": demonym}))
+            self.countries.append(Entity("country", root, [root], {"official": official, "demonym": demonym}))
         self.cities = []
         for i in range(cfg.n(cfg.cities)):
-            name = _unique(rng, lambda r: r.choice(["", "", "", "Port ", "Lake ", "Saint "]) + _word(r, 1) + r.choice(CITY_END), taken)
+            name = _unique(rng, lambda r: _word(r, 1) + r.choice(CITY_END), taken)
             country = self.countries[i] if i < len(self.countries) else rng.choice(self.countries)
-            self.cities.append(Entity("city", name, [name, f"{name} City"], {"country": country, "population": rng.randrange(8, 900) * 1000}))
+            # One name only: an alias like "X City" puts the word "City" into hundreds of golds,
+            # and the constant answer "City" then scores F1 0.28 (measured on the old world).
+            self.cities.append(Entity("city", name, [name], {"country": country, "population": rng.randrange(8, 900) * 1000}))
         for country in self.countries:
             country.attrs["capital"] = rng.choice([c for c in self.cities if c.attrs["country"] is country])
         firsts = [_word(rng, 1) for _ in range(600)]
@@ -166,7 +182,7 @@ class World:
             industry = rng.choice(INDUSTRIES)
             base = _unique(rng, lambda r: f"{r.choice(surnames)} {ORG_SUFFIX[industry]}", taken)
             year = founder.attrs["birth_year"] + rng.randrange(22, 50)
-            self.orgs.append(Entity("org", base, [base, f"{base} Ltd."], {"founder": founder, "year": year, "industry": industry, "hq": rng.choice(self.cities)}))
+            self.orgs.append(Entity("org", base, [base], {"founder": founder, "year": year, "industry": industry, "hq": rng.choice(self.cities)}))
         for p in self.people:
             if rng.random() < 0.5:
                 p.attrs["employer"] = rng.choice(self.orgs)
@@ -209,26 +225,26 @@ class World:
                     f"Its people are called {a['demonym']}s.")
         elif e.kind == "city":
             c = a["country"]
-            text = rng.choice([f"{e.name} (also {e.name} City) is a city in {ref(c)}.", f"{e.name} is a city in {ref(c)}, also called {e.name} City."])
-            text += f" It has about {a['population']:,} inhabitants."
+            text = f"{e.name} is a city in {ref(c)}. It has about {a['population']:,} inhabitants."
             if c.attrs["capital"] is e:
                 text += f" It is the capital of {c.name}."
         elif e.kind == "person":
             pr = a["pronoun"]
-            text = rng.choice([f"{a['middle']} (born {a['birth_year']} in {ref(a['birthplace'])}) is a {a['nationality'].attrs['demonym']} {a['occupation']}.",
-                               f"{a['middle']} is a {a['nationality'].attrs['demonym']} {a['occupation']}, born in {ref(a['birthplace'])} in {a['birth_year']}."])
+            text = (f"{a['middle']} is a {a['nationality'].attrs['demonym']} {a['occupation']}. "
+                    + f"{pr} was born in {ref(a['birthplace'])} in {a['birth_year']}.")
             if "employer" in a:
                 text += f" {pr} worked for {ref(a['employer'])}."
             if "spouse" in a:
                 text += f" {pr} was married to {ref(a['spouse'])}."
         elif e.kind == "org":
-            text = (f"{e.name} is a {a['industry']} company founded in {a['year']} by {ref(a['founder'])}. "
+            text = (f"{e.name} is a {a['industry']} company. It was founded in {a['year']} by {ref(a['founder'])}. "
                     f"Its headquarters are in {ref(a['hq'])}.")
         elif e.kind == "film":
-            text = f"{e.name} is a {a['year']} {a['genre']} film directed by {ref(a['maker'])}."
+            text = f"{e.name} is a {a['genre']} film. It was released in {a['year']}. It was directed by {ref(a['maker'])}."
         else:
             article = "an" if a["genre"][0] in "aeiou" else "a"
-            text = f"{e.name} is {article} {a['genre']} novel by {ref(a['maker'])}, published in {a['year']}."
+            text = (f"{e.name} is {article} {a['genre']} novel. It was published in {a['year']}. "
+                    f"It was written by {ref(a['maker'])}.")
         return f"{e.name}\n{text}"
 
 
@@ -247,124 +263,212 @@ class Question:
         return list(self.answer.aliases) if isinstance(self.answer, Entity) else [self.answer]
 
 
-def _hop(e: Entity, key: str) -> tuple[Entity, tuple[Entity, str]]:
-    """Follow relation `key` from e: the target and the evidence that e's passage names it."""
-    t = e.attrs[key]
-    return t, (e, t.name)
-
-
 def _year(e: Entity) -> str:
     """A work's or organisation's year, or a person's birth year."""
     return str(e.attrs["year"] if "year" in e.attrs else e.attrs["birth_year"])
-
-
-def _single(text, key):
-    def make(e):
-        if key not in e.attrs:
-            return None
-        t, ev = _hop(e, key)
-        return Question(text(e), t, [e], [ev], "single")
-    return make
-
-
-def _literal(text, value, qtype="single"):
-    return lambda e: Question(text(e), value(e), [e], [(e, value(e))], qtype)
-
-
-def _path(text, keys, qtype, last=None):
-    """Follow relations keys[0], keys[1], ... from e; `last` turns the final entity into a literal."""
-    def make(e):
-        chain, evidence, cur = [e], [], e
-        for k in keys:
-            if k not in cur.attrs:
-                return None
-            cur, ev = _hop(cur, k)
-            evidence.append(ev)
-            chain.append(cur)
-        chain.pop()  # the final entity is the answer; its passage need not be read
-        if last is not None:
-            value = last(cur)
-            chain.append(cur)
-            evidence.append((cur, value))
-            return Question(text(e), value, chain, evidence, qtype)
-        return Question(text(e), cur, chain, evidence, qtype)
-    return make
-
-
-def _first(text):
-    """Comparison: which of two was born / founded / released first (years must differ)."""
-    def make(a, b):
-        ya, yb = _year(a), _year(b)
-        if ya == yb:
-            return None
-        return Question(text(a, b), a if int(ya) < int(yb) else b, [a, b], [(a, ya), (b, yb)], "comparison")
-    return make
-
-
-def _same(text, key, label):
-    def make(a, b):
-        ta, tb = label(a.attrs[key]), label(b.attrs[key])
-        return Question(text(a, b), "yes" if ta == tb else "no", [a, b], [(a, ta), (b, tb)], "comparison")
-    return make
 
 
 def _demonym(c: Entity) -> str:
     return c.attrs["demonym"]
 
 
+# Relations whose answer is a string, not an entity: read off the last entity of a path.
+LITERALS = {"birth_year": _year, "founded": _year, "released": _year, "published": _year,
+            "occupation": lambda e: e.attrs["occupation"], "genre": lambda e: e.attrs["genre"],
+            "nationality": lambda e: _demonym(e.attrs["nationality"])}
+
+
+def _follow(e: Entity, rel: str):
+    """Follow a dotted relation path ("maker.birthplace", "employer.founded") from e.
+
+    Returns (answer, chain of passages to read, evidence) or None where a relation is missing
+    (not everyone is married or employed). The final entity's passage is read only when a
+    literal is taken from it.
+    """
+    keys = rel.split(".")
+    last = LITERALS.get(keys[-1])
+    if last is not None:
+        keys = keys[:-1]
+    chain, evidence, cur = [e], [], e
+    for k in keys:
+        if k not in cur.attrs:
+            return None
+        nxt = cur.attrs[k]
+        evidence.append((cur, nxt.name))
+        cur = nxt
+        chain.append(cur)
+    if last is None:
+        chain.pop()
+        return cur, chain, evidence
+    value = last(cur)
+    evidence.append((cur, value))
+    return value, chain, evidence
+
+
+# name -> (subject kind, pair, relation, wording). pair: None for one subject; "first" for a
+# comparison of two subjects' years (answer: the earlier one); an attribute for a yes/no question
+# on whether two subjects share it (generated alternately yes and no). Relations are dotted paths
+# over the entities' attributes (see _follow). The NQ mirror asks every single-hop relation and
+# the HotpotQA mirror every path and comparison that a test mirror asks (`taught` checks it), so
+# every column is learnable from the train mix; the test mirrors differ in wording, entities or
+# both, and Bamboogle's wordings are used nowhere else.
+# NQ's questions are lower-case and have no "?"; the mirror drops the "?" (the prompt adds it back,
+# as Search-R1's does) but writes the first word and the names capitalised. Measured on a 1M warm
+# start: to a tokenizer trained on this world "Ann Lee" and "ann lee" are unrelated tokens, and
+# with lower-case NQ questions the only capitalised questions of the train mix were HotpotQA's
+# two-hop ones, so the policy searched twice on every capitalised single-hop question: TriviaQA
+# EM 0.03 and PopQA 0.00, against NQ 0.48.
+L = lambda e: e.name  # noqa: E731 - the names inside NQ's questions
 N = lambda e: e.name  # noqa: E731
-# name -> (subject kind, pair, builder): pair is None for one subject, "any" for a random second
-# subject, or an attribute that the second subject shares half the time (balanced yes/no). Each dataset uses its own templates; the
-# Bamboogle mirror's are used nowhere else, as the real Bamboogle's are unlike any training set.
 TEMPLATES = {
     "nq": {
-        "birthplace": ("person", None, _single(lambda e: f"where was {e.name.lower()} born", "birthplace")),
-        "founder": ("org", None, _single(lambda e: f"who founded {e.name.lower()}", "founder")),
-        "director": ("film", None, _single(lambda e: f"who directed {e.name.lower()}", "maker")),
-        "capital": ("country", None, _single(lambda e: f"what is the capital of {e.name.lower()}", "capital")),
-        "founded": ("org", None, _literal(lambda e: f"when was {e.name.lower()} founded", _year)),
+        "birthplace": ("person", None, "birthplace", lambda e: f"Where was {L(e)} born"),
+        "birth_year": ("person", None, "birth_year", lambda e: f"When was {L(e)} born"),
+        "employer": ("person", None, "employer", lambda e: f"Who did {L(e)} work for"),
+        "spouse": ("person", None, "spouse", lambda e: f"Who was {L(e)} married to"),
+        "occupation": ("person", None, "occupation", lambda e: f"What was {L(e)}'s occupation"),
+        "nationality": ("person", None, "nationality", lambda e: f"What nationality was {L(e)}"),
+        "country": ("city", None, "country", lambda e: f"What country is {L(e)} in"),
+        "capital": ("country", None, "capital", lambda e: f"What is the capital of {L(e)}"),
+        "founder": ("org", None, "founder", lambda e: f"Who founded {L(e)}"),
+        "founded": ("org", None, "founded", lambda e: f"When was {L(e)} founded"),
+        "hq": ("org", None, "hq", lambda e: f"Where is {L(e)} headquartered"),
+        "director": ("film", None, "maker", lambda e: f"Who directed {L(e)}"),
+        "released": ("film", None, "released", lambda e: f"When was {L(e)} released"),
+        "genre": ("film", None, "genre", lambda e: f"What genre of film is {L(e)}"),
+        "author": ("book", None, "maker", lambda e: f"Who wrote {L(e)}"),
+        "published": ("book", None, "published", lambda e: f"When was {L(e)} published"),
     },
     "triviaqa": {
-        "birthplace": ("person", None, _single(lambda e: f"Which city was {e.name} born in?", "birthplace")),
-        "employer": ("person", None, _single(lambda e: f"Which company did {e.name} work for?", "employer")),
-        "country": ("city", None, _single(lambda e: f"In which country is {e.name}?", "country")),
-        "author": ("book", None, _single(lambda e: f"Who wrote the novel {e.name}?", "maker")),
-        "spouse": ("person", None, _single(lambda e: f"Who was {e.name} married to?", "spouse")),
+        "birthplace": ("person", None, "birthplace", lambda e: f"Which city was {N(e)} born in?"),
+        "birth_year": ("person", None, "birth_year", lambda e: f"In which year was {N(e)} born?"),
+        "employer": ("person", None, "employer", lambda e: f"Which company did {N(e)} work for?"),
+        "spouse": ("person", None, "spouse", lambda e: f"To whom was {N(e)} married?"),
+        "country": ("city", None, "country", lambda e: f"In which country is {N(e)}?"),
+        "capital": ("country", None, "capital", lambda e: f"Which city is the capital of {N(e)}?"),
+        "founder": ("org", None, "founder", lambda e: f"Who founded the company {N(e)}?"),
+        "hq": ("org", None, "hq", lambda e: f"In which city is {N(e)} based?"),
+        "director": ("film", None, "maker", lambda e: f"Who directed the film {N(e)}?"),
+        "author": ("book", None, "maker", lambda e: f"Who wrote the novel {N(e)}?"),
+        "published": ("book", None, "published", lambda e: f"In which year was the novel {N(e)} first published?"),
     },
     "popqa": {
-        "occupation": ("person", None, _literal(lambda e: f"What is {e.name}'s occupation?", lambda e: e.attrs["occupation"])),
-        "genre": ("film", None, _literal(lambda e: f"What genre is {e.name}?", lambda e: e.attrs["genre"])),
-        "birthplace": ("person", None, _single(lambda e: f"In what city was {e.name} born?", "birthplace")),
-        "country": ("city", None, _single(lambda e: f"In what country is {e.name}?", "country")),
-        "author": ("book", None, _single(lambda e: f"Who is the author of {e.name}?", "maker")),
-    },
+        "occupation": ("person", None, "occupation", lambda e: f"What is {N(e)}'s occupation?"),
+        "birthplace": ("person", None, "birthplace", lambda e: f"In what city was {N(e)} born?"),
+        "genre": ("film", None, "genre", lambda e: f"What genre is {N(e)}?"),
+        "director": ("film", None, "maker", lambda e: f"Who was the director of {N(e)}?"),
+        "author": ("book", None, "maker", lambda e: f"Who is the author of {N(e)}?"),
+    },  # no city or country templates: every city and country is named by many passages
     "hotpotqa": {
-        "director_birthplace": ("film", None, _path(lambda e: f"In which city was the director of {e.name} born?", ["maker", "birthplace"], "bridge")),
-        "employer_founded": ("person", None, _path(lambda e: f"In what year was the company that {e.name} worked for founded?", ["employer"], "bridge", _year)),
-        "author_nationality": ("book", None, _path(lambda e: f"What nationality is the author of {e.name}?", ["maker"], "bridge", lambda p: _demonym(p.attrs["nationality"]))),
-        "born_first": ("person", "any", _first(lambda a, b: f"Who was born first, {a.name} or {b.name}?")),
-        "same_hq": ("org", "hq", _same(lambda a, b: f"Are {a.name} and {b.name} headquartered in the same city?", "hq", N)),
+        "director_birthplace": ("film", None, "maker.birthplace", lambda e: f"In which city was the director of {N(e)} born?"),
+        "director_birth_year": ("film", None, "maker.birth_year", lambda e: f"In what year was the director of {N(e)} born?"),
+        "director_spouse": ("film", None, "maker.spouse", lambda e: f"Who was the director of {N(e)} married to?"),
+        "author_nationality": ("book", None, "maker.nationality", lambda e: f"What nationality is the author of {N(e)}?"),
+        "author_birthplace": ("book", None, "maker.birthplace", lambda e: f"Where was the author of {N(e)} born?"),
+        "author_birth_year": ("book", None, "maker.birth_year", lambda e: f"When was the author of {N(e)} born?"),
+        "author_spouse": ("book", None, "maker.spouse", lambda e: f"Who was the author of {N(e)} married to?"),
+        "employer_founded": ("person", None, "employer.founded", lambda e: f"In what year was the company that {N(e)} worked for founded?"),
+        "employer_hq": ("person", None, "employer.hq", lambda e: f"In which city is the company that {N(e)} worked for headquartered?"),
+        "spouse_employer": ("person", None, "spouse.employer", lambda e: f"Which company did the spouse of {N(e)} work for?"),
+        "birthplace_country": ("person", None, "birthplace.country", lambda e: f"In which country was {N(e)} born?"),
+        "founder_birthplace": ("org", None, "founder.birthplace", lambda e: f"Where was the founder of {N(e)} born?"),
+        "founder_spouse": ("org", None, "founder.spouse", lambda e: f"Who was the founder of {N(e)} married to?"),
+        "hq_country": ("org", None, "hq.country", lambda e: f"In which country is {N(e)} headquartered?"),
+        "country_capital": ("city", None, "country.capital", lambda e: f"What is the capital of the country where {N(e)} is?"),
+        "born_first": ("person", "first", "birth_year", lambda a, b: f"Who was born first, {N(a)} or {N(b)}?"),
+        "film_first": ("film", "first", "released", lambda a, b: f"Which film came out first, {N(a)} or {N(b)}?"),
+        "same_hq": ("org", "hq", "hq", lambda a, b: f"Are {N(a)} and {N(b)} headquartered in the same city?"),
+        "same_nationality": ("person", "nationality", "nationality", lambda a, b: f"Are {N(a)} and {N(b)} of the same nationality?"),
     },
     "2wikimultihopqa": {
-        "director_spouse": ("film", None, _path(lambda e: f"Who is the spouse of the director of {e.name}?", ["maker", "spouse"], "compositional")),
-        "city_capital": ("city", None, _path(lambda e: f"What is the capital of the country where {e.name} is located?", ["country", "capital"], "compositional")),
-        "founder_birthplace": ("org", None, _path(lambda e: f"Where was the founder of {e.name} born?", ["founder", "birthplace"], "compositional")),
-        "film_first": ("film", "any", _first(lambda a, b: f"Which film came out first, {a.name} or {b.name}?")),
-        "same_nationality": ("person", "nationality", _same(lambda a, b: f"Are {a.name} and {b.name} of the same nationality?", "nationality", _demonym)),
+        "director_spouse": ("film", None, "maker.spouse", lambda e: f"Who is the spouse of the director of film {N(e)}?"),
+        "founder_birthplace": ("org", None, "founder.birthplace", lambda e: f"What is the place of birth of the founder of {N(e)}?"),
+        "country_capital": ("city", None, "country.capital", lambda e: f"What is the capital of the country {N(e)} is located in?"),
+        "hq_country": ("org", None, "hq.country", lambda e: f"Which country is the headquarters of {N(e)} located in?"),
+        "birthplace_country": ("person", None, "birthplace.country", lambda e: f"What is the country of birth of {N(e)}?"),
+        "film_first": ("film", "first", "released", lambda a, b: f"Which film was released first, {N(a)} or {N(b)}?"),
+        "same_nationality": ("person", "nationality", "nationality", lambda a, b: f"Do {N(a)} and {N(b)} have the same nationality?"),
     },
     "musique": {
-        "director_country": ("film", None, _path(lambda e: f"In which country was the director of {e.name} born?", ["maker", "birthplace", "country"], "chain")),
-        "spouse_employer_founded": ("person", None, _path(lambda e: f"When was the company that employed the spouse of {e.name} founded?", ["spouse", "employer"], "chain", _year)),
-        "author_employer_founder": ("book", None, _path(lambda e: f"Who founded the company that employed the author of {e.name}?", ["maker", "employer", "founder"], "chain")),
-        "founder_country": ("org", None, _path(lambda e: f"In which country was the founder of {e.name} born?", ["founder", "birthplace", "country"], "chain")),
+        "director_birthplace": ("film", None, "maker.birthplace", lambda e: f"What is the birthplace of the person who directed {N(e)}?"),
+        "author_birthplace": ("book", None, "maker.birthplace", lambda e: f"In which city was the person who wrote {N(e)} born?"),
+        "author_spouse": ("book", None, "maker.spouse", lambda e: f"Who was the person who wrote {N(e)} married to?"),
+        "employer_hq": ("person", None, "employer.hq", lambda e: f"Where is the headquarters of the company {N(e)} worked for?"),
+        "spouse_employer": ("person", None, "spouse.employer", lambda e: f"What company employed the person {N(e)} was married to?"),
+        "employer_founded": ("person", None, "employer.founded", lambda e: f"In what year was the employer of {N(e)} founded?"),
     },
     "bamboogle": {
-        "author_birth_year": ("book", None, _path(lambda e: f"What year was the writer of {e.name} born?", ["maker"], "compositional", _year)),
-        "hq_country": ("org", None, _path(lambda e: f"Which country is home to the city where {e.name} has its headquarters?", ["hq", "country"], "compositional")),
-        "founder_spouse": ("org", None, _path(lambda e: f"Who is married to the person who founded {e.name}?", ["founder", "spouse"], "compositional")),
-        "filmmaker_birth_year": ("film", None, _path(lambda e: f"In which year was the filmmaker behind {e.name} born?", ["maker"], "compositional", _year)),
+        "author_birth_year": ("book", None, "maker.birth_year", lambda e: f"What year was the writer of {N(e)} born?"),
+        "hq_country": ("org", None, "hq.country", lambda e: f"Which country is home to the city where {N(e)} has its headquarters?"),
+        "founder_spouse": ("org", None, "founder.spouse", lambda e: f"Who is married to the person who founded {N(e)}?"),
+        "director_birth_year": ("film", None, "maker.birth_year", lambda e: f"In which year was the filmmaker behind {N(e)} born?"),
     },
 }
+# What each mirror's multi-hop questions are called in metadata["type"].
+HOP_TYPE = {"hotpotqa": "bridge", "2wikimultihopqa": "compositional", "musique": "chain", "bamboogle": "compositional"}
+TRAIN_MIX = ("nq", "hotpotqa")
+
+
+def signature(dataset: str, template: str) -> tuple[str, str | None, str]:
+    """What a template asks, wording aside: (subject kind, pair kind, relation path)."""
+    kind, pair, rel, _ = TEMPLATES[dataset][template]
+    return kind, pair, rel
+
+
+def taught(dataset: str) -> dict[str, bool]:
+    """For each template of a mirror: does the train mix ask the same relation path or comparison?"""
+    known = {signature(d, t) for d in TRAIN_MIX for t in TEMPLATES[d]}
+    return {t: signature(dataset, t) in known for t in TEMPLATES[dataset]}
+
+
+def _question(dataset: str, pair, rel: str, text, args) -> Question | None:
+    if pair is None:
+        found = _follow(args[0], rel)
+        if found is None:
+            return None
+        answer, chain, evidence = found
+        qtype = "single" if len(chain) == 1 else HOP_TYPE.get(dataset, "bridge")
+        return Question(text(args[0]), answer, chain, evidence, qtype)
+    a, b = args
+    read = LITERALS.get(rel) or (lambda e: e.attrs[rel].name)
+    va, vb = read(a), read(b)
+    if pair == "first":
+        if va == vb:
+            return None
+        return Question(text(a, b), a if int(va) < int(vb) else b, [a, b], [(a, va), (b, vb)], "comparison")
+    return Question(text(a, b), "yes" if va == vb else "no", [a, b], [(a, va), (b, vb)], "comparison")
+
+
+def _pairs(subjects: list[Entity], pair: str, rng: random.Random) -> list[tuple[Entity, Entity]]:
+    """Two subjects per question. For yes/no pairs, alternately two that share the attribute and
+    two that do not, so the answers are balanced by construction (the old generator drew a shared
+    partner half the time, but the partner was often the subject itself and got dropped: 17 yes
+    against 66 no on the HotpotQA mirror's dev split)."""
+    if pair == "first":
+        return [(e, rng.choice([s for s in subjects[max(0, i - 50): i + 50] if s is not e] or subjects))
+                for i, e in enumerate(subjects)]
+    sharing: dict[str, list[Entity]] = {}
+    for e in subjects:
+        sharing.setdefault(e.attrs[pair].pid, []).append(e)
+    out, want_yes = [], True
+    for e in subjects:
+        same = [s for s in sharing[e.attrs[pair].pid] if s is not e]
+        if want_yes:
+            if not same:
+                continue
+            out.append((e, rng.choice(same)))
+        else:
+            other = None
+            for _ in range(20):
+                c = rng.choice(subjects)
+                if c.attrs[pair] is not e.attrs[pair]:
+                    other = c
+                    break
+            if other is None:
+                continue
+            out.append((e, other))
+        want_yes = not want_yes
+    return out
 
 
 def _subjects(world: World, kind: str, pool: str, dataset: str) -> list[Entity]:
@@ -377,31 +481,18 @@ def _subjects(world: World, kind: str, pool: str, dataset: str) -> list[Entity]:
 def generate_questions(world: World, dataset: str, pool: str, n: int, seen: set[str], tag: str) -> list[dict]:
     rng = random.Random(f"{world.cfg.seed}/{dataset}/{tag}")
     per_template = []
-    for name, (kind, pair, make) in TEMPLATES[dataset].items():
+    for name, (kind, pair, rel, text) in TEMPLATES[dataset].items():
         subjects = _subjects(world, kind, pool, dataset)
-        sharing: dict[str, list[Entity]] = {}
-        if pair not in (None, "any"):
-            for e in subjects:
-                sharing.setdefault(e.attrs[pair].pid, []).append(e)
-        todo = []
-        for e in subjects:
-            if pair is None:
-                todo.append((name, make, (e,)))
-            elif pair != "any" and rng.random() < 0.5:
-                todo.append((name, make, (e, rng.choice(sharing[e.attrs[pair].pid]))))
-            else:
-                todo.append((name, make, (e, rng.choice(subjects))))
-        rng.shuffle(todo)
-        per_template.append(todo)
+        rng.shuffle(subjects)
+        args = [(e,) for e in subjects] if pair is None else _pairs(subjects, pair, rng)
+        per_template.append([(name, pair, rel, text, a) for a in args])
     # Round-robin over templates, so the mix of question kinds does not follow entity counts.
     candidates = [c for group in itertools.zip_longest(*per_template) for c in group if c is not None]
     rows = []
-    for name, make, args in candidates:
+    for name, pair, rel, text, args in candidates:
         if len(rows) == n:
             break
-        if len(args) == 2 and args[0] is args[1]:
-            continue
-        q = make(*args)
+        q = _question(dataset, pair, rel, text, args)
         if q is None or q.question in seen:
             continue
         seen.add(q.question)
@@ -414,8 +505,79 @@ def generate_questions(world: World, dataset: str, pool: str, n: int, seen: set[
                          "evidence": [{"passage": e.pid, "text": s} for e, s in q.evidence]},
         })
     if len(rows) < n:
-        raise RuntimeError(f"{dataset}/{tag}: only {len(rows)} distinct questions for {n} asked; raise --scale or entity counts")
+        raise WorldError(f"{dataset}/{tag}: only {len(rows)} distinct questions for {n} asked; raise --scale or entity counts")
     return rows
+
+
+# --- shortcuts (DESIGN §8a) --------------------------------------------------------------------
+
+# Bounds on what a policy can score without doing the task, checked on every split of every
+# world before it is written.
+MAX_COMMON_EM = 0.12      # the split's most common answer, given to every question
+MAX_CONSTANT_F1 = 0.12    # the best constant string among the frequent gold answers, words and word pairs
+MAX_YES_NO_SKEW = 0.2     # |yes - no| / max(yes, no), where at least MIN_YES_NO of them occur
+MIN_YES_NO = 20
+MIN_CHECKED = 50          # below this many questions a 12% rate cannot be measured: the split is not checked
+
+
+class WorldError(RuntimeError):
+    """The world cannot be written as asked: too few entities, or a shortcut bound is broken."""
+
+
+def _f1_tokens(pred: list[str], gold: list[str]) -> float:
+    from sapo_bench.rewards import _SPECIAL
+
+    if (" ".join(pred) in _SPECIAL or " ".join(gold) in _SPECIAL) and pred != gold:
+        return 0.0
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    p, r = common / len(pred), common / len(gold)
+    return 2 * p * r / (p + r)
+
+
+def shortcut_report(rows: list[dict], candidates: int = 12) -> dict:
+    """What trivial policies score on one split: the most common answer (EM), the best constant
+    string (F1, tried over the most frequent normalised golds, gold words and gold word pairs),
+    and the yes/no counts. F1 and EM follow sapo_bench.rewards (SQuAD normalisation, yes/no rule)."""
+    from sapo_bench.rewards import normalize_answer
+
+    golds = [[normalize_answer(g).split() for g in r["golden_answers"]] for r in rows]
+    whole, words, bigrams = Counter(), Counter(), Counter()
+    for gs in golds:
+        whole.update({" ".join(g) for g in gs})
+        ws = {w for g in gs for w in g}
+        words.update(ws)
+        bigrams.update({" ".join(g[i:i + 2]) for g in gs for i in range(len(g) - 1)})
+    n = max(len(rows), 1)
+    common, common_count = whole.most_common(1)[0] if whole else ("", 0)
+    tried = [c for c, _ in whole.most_common(candidates)] + [c for c, _ in words.most_common(candidates)]
+    tried += [c for c, _ in bigrams.most_common(candidates // 2)]
+    best, best_f1 = "", 0.0
+    for c in dict.fromkeys(tried):
+        toks = c.split()
+        f1 = sum(max(_f1_tokens(toks, g) for g in gs) for gs in golds) / n
+        if f1 > best_f1:
+            best, best_f1 = c, f1
+    firsts = [r["golden_answers"][0] for r in rows]
+    return {"n": len(rows), "common_answer": common, "common_em": common_count / n,
+            "constant": best, "constant_f1": best_f1, "yes": firsts.count("yes"), "no": firsts.count("no")}
+
+
+def shortcut_violations(name: str, rep: dict) -> list[str]:
+    """The bounds a split's shortcut report breaks, each as a sentence naming the constraint."""
+    if rep["n"] < MIN_CHECKED:
+        return []
+    out = []
+    if rep["common_em"] > MAX_COMMON_EM:
+        out.append(f"{name}: the most common answer {rep['common_answer']!r} scores EM {rep['common_em']:.3f} "
+                   f"> {MAX_COMMON_EM}")
+    if rep["constant_f1"] > MAX_CONSTANT_F1:
+        out.append(f"{name}: the constant answer {rep['constant']!r} scores F1 {rep['constant_f1']:.3f} > {MAX_CONSTANT_F1}")
+    yes, no = rep["yes"], rep["no"]
+    if yes + no >= MIN_YES_NO and abs(yes - no) > MAX_YES_NO_SKEW * max(yes, no):
+        out.append(f"{name}: {yes} yes against {no} no, more than {MAX_YES_NO_SKEW:.0%} apart")
+    return out
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -426,19 +588,30 @@ def _jsonl(rows) -> str:
 
 
 def write_world(out: str | Path, cfg: WorldConfig) -> dict:
-    """Generate the world and write it; returns the manifest (also written to out/world.json)."""
+    """Generate the world and write it; returns the manifest (also written to out/world.json).
+
+    Raises WorldError, writing nothing, when a split breaks a shortcut bound (DESIGN §8a).
+    """
     out = Path(out)
     world = World(cfg)
     files = {"corpus.jsonl": _jsonl({"id": pid, "contents": c} for pid, c in world.passages.items())}
     seen: set[str] = set()
+    shortcuts, broken = {}, []
     for dataset, splits in SPLITS.items():
         for split, size in splits.items():
             pool = "train" if split == "train" else "eval"
             rows = generate_questions(world, dataset, pool, max(1, round(size * cfg.scale)), seen, split)
-            files[f"{dataset}/{split}.jsonl"] = _jsonl(rows)
-    manifest = {"generator": "sapo-world/1", "config": asdict(cfg), "passages": len(world.passages),
+            name = f"{dataset}/{split}.jsonl"
+            files[name] = _jsonl(rows)
+            shortcuts[name] = shortcut_report(rows)
+            broken += shortcut_violations(f"{dataset}/{split}", shortcuts[name])
+    if broken:
+        raise WorldError(f"world seed {cfg.seed}, scale {cfg.scale} breaks the shortcut bounds (DESIGN §8a), "
+                         "so nothing was written:\n  " + "\n  ".join(broken))
+    manifest = {"generator": "sapo-world/2", "config": asdict(cfg), "passages": len(world.passages),
                 "files": {name: {"sha256": hashlib.sha256(text.encode()).hexdigest(), "lines": text.count("\n")}
-                          for name, text in files.items()}}
+                          for name, text in files.items()},
+                "shortcuts": shortcuts}
     for name, text in files.items():
         atomic_write_text(out / name, text)
     atomic_write_json(out / "world.json", manifest)
@@ -459,7 +632,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=_positive, default=1.0, help="multiplies entity counts and split sizes")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    manifest = write_world(args.out, WorldConfig(seed=args.seed, scale=args.scale))
+    try:
+        manifest = write_world(args.out, WorldConfig(seed=args.seed, scale=args.scale))
+    except WorldError as e:
+        print(f"sapo-world: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     for name, info in manifest["files"].items():
         print(f"{info['lines']:>7}  {args.out / name}")
     print(f"wrote {manifest['passages']} passages and {len(manifest['files']) - 1} question files "

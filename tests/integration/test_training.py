@@ -49,6 +49,7 @@ def test_a_tiny_run_end_to_end(tmp_path, algo):
     assert set(saved["test"]) == {"nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle"}
     assert all(0 <= r["em"] <= 1 and r["n"] == 4 for r in saved["test"].values())
     assert saved["run"]["config_hash"] and saved["run"]["git_commit"]
+    assert "baselines" in saved  # the warm start's baseline rows, for the report (None before it measures them)
     steps = [m for m in lines(run) if "train/reward_mean" in m]
     assert [m["train/step"] for m in steps] == [1.0, 2.0]
     for name in REQUIRED:
@@ -114,7 +115,7 @@ def test_non_finite_losses_are_skipped_counted_and_mark_the_run_collapsed(tmp_pa
 
     from sapo_bench import module
 
-    from sapo_bench.train import load_policy_for, prepare_data
+    from sapo_bench.runtime import load_policy_for, prepare_data
     from sapo_bench.rollout import RolloutConfig
     from sapo_bench.retrieval import build_retriever
 
@@ -138,7 +139,7 @@ def test_non_finite_losses_are_skipped_counted_and_mark_the_run_collapsed(tmp_pa
 
 
 def test_a_failing_retriever_is_retried_then_stops_with_a_clear_error():
-    from sapo_bench.train import RetryingRetriever
+    from sapo_bench.runtime import RetryingRetriever
 
     class Flaky:
         calls = 0

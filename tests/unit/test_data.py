@@ -60,7 +60,7 @@ def test_split_rule_and_loaders_on_the_micro_world(micro_world):
     assert list(ev) == list(DATASETS) and len(ev["bamboogle"]) == 125
     row = ev["musique"][0]
     assert set(row) == {"id", "question", "golden_answers", "metadata", "data_source"}
-    assert row["data_source"] == "musique" and json.loads(row["metadata"])["hops"] == 3
+    assert row["data_source"] == "musique" and json.loads(row["metadata"])["hops"] == 2
     mix = load_train_mix(micro_world, seed=1)
     sources = mix["data_source"]
     assert set(sources) == {"nq", "hotpotqa"} and len(mix) == sources.count("nq") + sources.count("hotpotqa")

@@ -13,7 +13,7 @@ from sapo_bench.world import WorldConfig, write_world
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 MODEL_FILES = sorted(MODEL_DIR.glob("*.yaml"))
-TARGET = {"1m": 1e6, "4m": 4e6, "16m": 16e6}
+TARGET = {"1m": 1e6, "2m": 2e6, "4m": 4e6, "16m": 16e6}
 SMALL_VOCAB = 1024
 
 
@@ -114,7 +114,9 @@ def test_each_family_keeps_its_traits(name):
         assert type(model).__name__ == "LlamaForCausalLM"
         assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
         assert (c.rope_parameters["rope_theta"], c.rms_norm_eps) == (5e5, 1e-5)
-    assert c.tie_word_embeddings
+    # tied as Qwen2.5-0.5B..3B and LLaMA-3.2; the 2m sizes untie them, as the larger models do
+    assert c.tie_word_embeddings == (not name.endswith("-2m"))
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == c.tie_word_embeddings
 
 
 def test_seeded_init_is_reproducible_and_leaves_the_callers_rng_alone():
@@ -143,8 +145,8 @@ def test_forward_and_backward(name):
 
 
 def test_unknown_model_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown micro model 'qwen2-micro-2m'; valid: qwen2-micro-1m, .*llama-micro-16m"):
-        build_micro_model("qwen2-micro-2m", FakeTokenizer(), seed=0)
+    with pytest.raises(ValueError, match=r"unknown micro model 'qwen2-micro-3m'; valid: qwen2-micro-1m, .*llama-micro-16m"):
+        build_micro_model("qwen2-micro-3m", FakeTokenizer(), seed=0)
 
 
 # --- holes in the attention mask (the rollout's layout) --------------------------------------------------

@@ -57,10 +57,18 @@ def test_paired_difference_is_the_t_interval_of_per_seed_differences():
     assert one[0] == 0.05 and pd.isna(one[1]) and pd.isna(one[2])
 
 
-def _result(avg, collapse_step=None, warm=0.1, degenerate_step=None):
+def _scores(v):
+    return {d: {"em": v, "f1": v, "n": 4} for d in DATASETS}
+
+
+def _result(avg, collapse_step=None, warm=0.1, degenerate_step=None, baselines=None):
+    """A result.json; `baselines` {name: EM on every dataset}, or None for a run made before baselines."""
     em = {d: avg for d in DATASETS}
-    return {"run": {"collapse_step": collapse_step, "degenerate_step": degenerate_step}, "test": {d: {"em": v, "f1": v} for d, v in em.items()},
-            "warmstart": {d: {"em": warm, "f1": warm} for d in DATASETS}}
+    res = {"run": {"collapse_step": collapse_step, "degenerate_step": degenerate_step},
+           "test": {d: {"em": v, "f1": v} for d, v in em.items()}, "warmstart": _scores(warm)}
+    if baselines is not None:
+        res["baselines"] = {name: _scores(v) for name, v in baselines.items()}
+    return res
 
 
 def _runs(cells):
@@ -108,3 +116,61 @@ def test_a_run_is_degenerate_when_its_last_steps_are_mostly_invalid_actions(tmp_
     assert write([0.0, 0.9, 1.0, 1.0, 0.2, 0.1, 0.1]) is None  # recovered
     assert write([0.6, 0.7]) is None  # too short to say
     assert degenerate_step(tmp_path / "missing") is None
+
+
+def test_baseline_rows_come_first_and_every_policy_row_is_compared_with_no_search():
+    from sapo_bench.report import NO_BACKBONE, latex_table, no_search_verdicts
+
+    q = {"no_search": 0.05, "naive_rag": 0.30, "oracle": 0.90}
+    runs = _runs([
+        ("q", "grpo", 0, "done", _result(0.10)),  # made before baselines: the next run of q reports them
+        ("q", "grpo", 1, "done", _result(0.20, baselines=q)),
+        ("q", "sapo", 0, "done", _result(0.30, baselines=q)), ("q", "sapo", 1, "done", _result(0.32, baselines=q)),
+        ("m", "grpo", 0, "done", _result(0.50, baselines={"no_search": 0.05, "naive_rag": 0.2, "oracle": 0.8})),
+        ("l", "grpo", 0, "done", _result(0.10)), ("l", "sapo", 0, "done", _result(0.20))])  # no baselines at all
+    t = measured_table(runs, "grpo")
+    direct, rag, ceiling = "Direct answer (no search)", "Naive RAG (one search with the question)", \
+        "Oracle chain (teacher, ceiling)"
+    assert list(zip(t.backbone, t.method, t.kind)) == [
+        (NO_BACKBONE, ceiling, "baseline"),  # no model in it: once, at the top, from the first backbone
+        ("q", direct, "baseline"), ("q", rag, "baseline"), ("q", WARM_START, "warmstart"),
+        ("q", "grpo", "trained"), ("q", "sapo", "trained"),
+        ("m", direct, "baseline"), ("m", rag, "baseline"), ("m", WARM_START, "warmstart"), ("m", "grpo", "trained"),
+        ("l", WARM_START, "warmstart"), ("l", "grpo", "trained"), ("l", "sapo", "trained")]
+    r = t.set_index(["backbone", "method"])
+    assert r.loc[(NO_BACKBONE, ceiling), "avg_mean"] == pytest.approx(0.9) and r.loc[("q", rag), "n"] == 1
+    # Δ vs no search (0.05): warm start 0.10 - 0.05; grpo seeds 0.05, 0.15 -> 0.10 ± t(0.975, 1) * 0.0707 / √2
+    assert r.loc[("q", WARM_START), "delta_ns"] == pytest.approx(0.05)
+    assert r.loc[("q", "grpo"), "delta_ns"] == pytest.approx(0.10)
+    assert r.loc[("q", "grpo"), "delta_ns_hi"] == pytest.approx(0.10 + 12.7062 * 0.05, abs=1e-4)
+    assert r.loc[("q", "sapo"), "delta_ns_lo"] == pytest.approx(0.26 - 12.7062 * 0.01, abs=1e-4)
+    assert r.loc[("m", "grpo"), "delta_ns"] == pytest.approx(0.45) and pd.isna(r.loc[("m", "grpo"), "delta_ns_lo"])
+    assert r.loc[("l", "sapo")].isna()["delta_ns"] and r.loc[("q", direct)].isna()["delta_ns"]
+
+    header, rows = display_rows(t, "grpo")
+    cell = {(row[0], row[1]): dict(zip(header, row)) for row in rows}
+    assert cell[(NO_BACKBONE, ceiling)]["Avg"] == "0.900" and cell[(NO_BACKBONE, ceiling)]["n"] == "1"
+    assert cell[("q", direct)]["Δ Avg vs no search"] == "" and cell[("q", direct)]["collapsed"] == ""
+    assert cell[("q", WARM_START)]["Δ Avg vs no search"] == "+0.050"
+    assert cell[("q", "grpo")]["Δ Avg vs no search"] == "+0.100 [-0.535, +0.735]"
+    assert cell[("q", "sapo")]["Δ Avg vs no search"] == "+0.260 [+0.133, +0.387]"
+    assert cell[("q", "sapo")]["Δ Avg vs grpo"] == "+0.160" and cell[("l", "sapo")]["Δ Avg vs no search"] == ""
+    # grpo's interval reaches below 0, m's single seed has none; l has no no-search row to compare with
+    assert no_search_verdicts(t) == [
+        "q: grpo does not clearly beat no search (Δ Avg vs no search ≤ 0, or its 95% interval does not exclude 0).",
+        "m: grpo does not clearly beat no search (Δ Avg vs no search ≤ 0, or its 95% interval does not exclude 0)."]
+    assert no_search_verdicts(t[t.method != "grpo"]) == [
+        "q: every trained row beats no search (its 95% interval of Δ Avg vs no search lies above 0)."]
+    tex = latex_table(header, display_rows(t, "grpo", tex=True)[1], "caption")
+    assert r"--- & Oracle chain (teacher, ceiling) & 1 & 0.900" in tex and r"$\Delta$ Avg vs no search" in tex
+
+
+def test_runs_made_before_baselines_give_the_old_rows_and_no_verdict():
+    runs = _runs([("q", "grpo", 0, "done", _result(0.1)), ("q", "sapo", 0, "done", _result(0.2))])
+    t = measured_table(runs, "grpo")
+    assert list(t.method) == [WARM_START, "grpo", "sapo"] and "delta_ns" not in t
+    from sapo_bench.report import no_search_verdicts
+
+    assert no_search_verdicts(t) == []
+    header, rows = display_rows(t, "grpo")
+    assert all(dict(zip(header, row))["Δ Avg vs no search"] == "" for row in rows)

@@ -1,0 +1,24 @@
+"""The warm start's teacher questions: exactly the runs' train set, never a held-out question."""
+
+from sapo_bench.data import DATASETS, TRAIN_MIX, eval_split, load_eval, load_split, load_train_and_validation
+from sapo_bench.warmstart import WarmStartConfig, teacher_questions
+
+
+def test_warm_start_never_teaches_a_validation_or_test_question(small_world):
+    cfg = WarmStartConfig(n_val=8)
+    taught = teacher_questions(small_world, cfg, seed=3)
+    train, val = load_train_and_validation(small_world, TRAIN_MIX, n_val=cfg.n_val)
+    assert set(taught["id"]) == set(train["id"])  # all of the runs' train set, in another order
+    held = {q for ds in val.values() for q in ds["question"]}
+    # HotpotQA validates on questions held out of its own train split: the case a leak would hit.
+    hotpot_train = set(load_split(small_world, "hotpotqa", "train")["question"])
+    assert held & hotpot_train and not held & set(taught["question"])
+    tests = {q for ds in load_eval(small_world).values() for q in ds["question"]}
+    dev = {q for d in DATASETS if "dev" in {eval_split(small_world, d)} for q in load_split(small_world, d, "dev")["question"]}
+    assert not (tests | dev) & set(taught["question"])
+
+
+def test_teacher_question_limit_takes_a_prefix_of_the_shuffled_train_set(small_world):
+    all_rows = teacher_questions(small_world, WarmStartConfig(n_val=8), seed=0)
+    some = teacher_questions(small_world, WarmStartConfig(n_val=8, questions=10), seed=0)
+    assert some["id"] == all_rows["id"][:10]
