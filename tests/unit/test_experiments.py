@@ -39,7 +39,7 @@ def test_micro_main_is_two_families_two_sizes_three_seeds():
 
 def test_micro_experiments_cover_the_issue():
     assert {c.algo.name for c in cells("micro_ablation")} == {"grpo", "sapo_kl", "sapo_kl_r", "sapo"}
-    assert {c.model.size for c in cells("micro_scaling")} == {"1m", "2m", "4m", "16m"}
+    assert {c.model.size for c in cells("micro_scaling")} == {"1m", "1.3m", "4m", "16m"}
     stress = cells("micro_stress")
     default = compose_config([])
     assert stress[0].setting != "default" and stress[0].train.lr > default.train.lr
