@@ -40,17 +40,20 @@ def cover_exact_match(pred: str, golds: str | Iterable[str]) -> float:
     return float(any(normalize_answer(g) and f" {normalize_answer(g)} " in p for g in _golds(golds)))
 
 
-def _f1(pred: str, gold: str) -> float:
-    p, g = normalize_answer(pred), normalize_answer(gold)
+def token_f1(pred: list[str], gold: list[str]) -> float:
+    """Token F1 of two normalised, split answers (the world's shortcut check calls it directly)."""
     # HotpotQA's rule: a yes/no/noanswer on either side only scores when both are the same.
-    if (p in _SPECIAL or g in _SPECIAL) and p != g:
+    if (" ".join(pred) in _SPECIAL or " ".join(gold) in _SPECIAL) and pred != gold:
         return 0.0
-    pt, gt = p.split(), g.split()
-    common = sum((Counter(pt) & Counter(gt)).values())
+    common = sum((Counter(pred) & Counter(gold)).values())
     if common == 0:
         return 0.0
-    precision, recall = common / len(pt), common / len(gt)
+    precision, recall = common / len(pred), common / len(gold)
     return 2 * precision * recall / (precision + recall)
+
+
+def _f1(pred: str, gold: str) -> float:
+    return token_f1(normalize_answer(pred).split(), normalize_answer(gold).split())
 
 
 def f1_score(pred: str, golds: str | Iterable[str]) -> float:

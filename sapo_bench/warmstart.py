@@ -78,11 +78,12 @@ def _answer(text: str) -> str:
 
 def teacher_script(row: dict, titles: dict[str, str], all_titles: list[str], rng: random.Random,
                    cfg: WarmStartConfig) -> list[str]:
-    """The turns a (deliberately imperfect) teacher writes for one question."""
+    """The turns the teacher writes for one question (imperfect only where cfg's flaws say so)."""
     meta = json.loads(row["metadata"]) if isinstance(row["metadata"], str) else row["metadata"]
     chain = [titles[pid] for pid in meta["chain"]]
-    # Search for the subject as the question writes it (NQ's questions are lower-case): copying is
-    # learnable by a tiny model, changing case is not. Later hops copy names from passages.
+    # Search for the subject as the question writes it (a lower-cased question gets a lower-cased
+    # query): copying is learnable by a tiny model, changing case is not. Later hops copy names
+    # from passages.
     question = row["question"]
     chain = [t if t in question or t.lower() not in question else t.lower() for t in chain[:1]] + chain[1:]
     gold = row["golden_answers"][0]
@@ -193,11 +194,11 @@ def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutC
         model = AutoModelForCausalLM.from_pretrained(target)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(target)
         return model.eval(), tokenizer, json.loads((target / "warmstart.json").read_text())
-    clock = {"start": time.perf_counter()}
+    times, last = {}, [time.perf_counter()]
 
     def lap(name):  # where a warm start's minutes go, for the README's budget
         now = time.perf_counter()
-        clock[name], clock["start"] = now - clock["start"], now
+        times[name], last[0] = round(now - last[0], 1), now
 
     titles = corpus_titles(world_dir / "corpus.jsonl")
     rows = teacher_questions(world_dir, cfg, seed)
@@ -215,9 +216,7 @@ def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutC
     report["baselines"] = evaluate_baselines(model, tokenizer, retriever, sets, rcfg, world_dir / "corpus.jsonl",
                                              rows["golden_answers"])
     lap("baselines_s")
-    del clock["start"]
-    report["time"] = {k: round(v, 1) for k, v in clock.items()}
-    report["seconds"] = sum(clock.values())
+    report["time"], report["seconds"] = times, sum(times.values())
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
     try:

@@ -19,10 +19,10 @@ How the world is built, and why:
 6. Same seed → byte-identical files (no set iteration, no hash-order dependence).
 7. It is an instrument (DESIGN §8a), so it refuses to be gamed: no alias word is shared by
    hundreds of golds (no "X City", no "Ltd."), yes/no answers alternate by construction, and
-   `check_shortcuts` measures the most common answer and the best constant string of every split
+   `shortcut_report` measures the most common answer and the best constant string of every split
    before anything is written; a world that breaks a bound is an error, never a file.
 8. Every column is learnable: the NQ mirror asks every single-hop relation, the HotpotQA mirror
-   every two-hop path and comparison that any test mirror asks (RELATIONS, PATHS); the other
+   every two-hop path and comparison that any test mirror asks (TEMPLATES, `taught`); the other
    mirrors change the wording, the entities (PopQA's long tail) or both (Bamboogle's forms).
 9. One fact a sentence, so a small reader finds each answer next to the word that asks for it.
 """
@@ -524,23 +524,11 @@ class WorldError(RuntimeError):
     """The world cannot be written as asked: too few entities, or a shortcut bound is broken."""
 
 
-def _f1_tokens(pred: list[str], gold: list[str]) -> float:
-    from sapo_bench.rewards import _SPECIAL
-
-    if (" ".join(pred) in _SPECIAL or " ".join(gold) in _SPECIAL) and pred != gold:
-        return 0.0
-    common = sum((Counter(pred) & Counter(gold)).values())
-    if common == 0:
-        return 0.0
-    p, r = common / len(pred), common / len(gold)
-    return 2 * p * r / (p + r)
-
-
 def shortcut_report(rows: list[dict], candidates: int = 12) -> dict:
     """What trivial policies score on one split: the most common answer (EM), the best constant
     string (F1, tried over the most frequent normalised golds, gold words and gold word pairs),
     and the yes/no counts. F1 and EM follow sapo_bench.rewards (SQuAD normalisation, yes/no rule)."""
-    from sapo_bench.rewards import normalize_answer
+    from sapo_bench.rewards import normalize_answer, token_f1
 
     golds = [[normalize_answer(g).split() for g in r["golden_answers"]] for r in rows]
     whole, words, bigrams = Counter(), Counter(), Counter()
@@ -556,7 +544,7 @@ def shortcut_report(rows: list[dict], candidates: int = 12) -> dict:
     best, best_f1 = "", 0.0
     for c in dict.fromkeys(tried):
         toks = c.split()
-        f1 = sum(max(_f1_tokens(toks, g) for g in gs) for gs in golds) / n
+        f1 = sum(max(token_f1(toks, g) for g in gs) for gs in golds) / n
         if f1 > best_f1:
             best, best_f1 = c, f1
     firsts = [r["golden_answers"][0] for r in rows]
