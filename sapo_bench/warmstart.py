@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class WarmStartConfig:
     questions: int | None = None  # train-mix questions the teacher answers (None: all of them)
-    epochs: float = 2.0
+    epochs: float = 2.5
     lr: float = 2e-3
     warmup_steps: int = 50
     batch_size: int = 8
@@ -62,6 +62,15 @@ class WarmStartConfig:
     # them trains the copying that the policy's own ~15 tokens per episode teach slowly, in the
     # same forward pass. Measured on qwen2-micro-1m (3,000 steps): avg test EM 0.08 -> 0.25 at 0.3.
     aux_lm: float = 0.3
+    # Weight of the answer span's tokens in the policy loss (a weighted mean). The student's typical
+    # error is an answer of the right kind copied from the wrong place ("1948" for "born ... in
+    # 1911"): the two or three answer tokens carry the skill that the other ~12 policy tokens do not.
+    # With bf16 and 2.5 epochs, measured on world seed 2 (never tuned on), qwen2-micro-1m:
+    # avg test EM 0.16 (weight 1, 2 epochs) -> 0.34.
+    answer_weight: float = 4.0
+    # bfloat16 autocast for the forward pass: 1.1-1.4x faster per step on this CPU, spent on the
+    # half epoch more.
+    bf16: bool = True
 
 
 # No <think> text: the micro template does not ask for it and the reward ignores it. Measured on
@@ -106,7 +115,16 @@ def teacher_batch(tokenizer, retriever, rows, titles, rcfg: RolloutConfig, cfg: 
     return rollout(ScriptedEngine(tokenizer, scripts), tokenizer, retriever, [r["question"] for r in rows], rcfg)
 
 
-def sft(model, batch, cfg: WarmStartConfig, seed: int) -> list[float]:
+def policy_weights(ids, mask, answer_id: int | None, answer_weight: float):
+    """Per-token weights of the policy loss: `mask`, times answer_weight from the policy's `<answer>`
+    token on (the answer span and its closing tag), a weighted mean's numerator."""
+    if answer_weight == 1.0 or answer_id is None:
+        return mask
+    answering = ((ids == answer_id) * mask).cumsum(-1) > 0
+    return mask * (1 + (answer_weight - 1) * answering)
+
+
+def sft(model, batch, cfg: WarmStartConfig, seed: int, answer_id: int | None = None) -> list[float]:
     """Cross-entropy on the generated (loss-mask) tokens, plus cfg.aux_lm times a language-model loss
     on the inserted passages, for cfg.epochs passes (a fraction runs part of the last); returns the
     mean generated-token loss of each pass."""
@@ -144,8 +162,10 @@ def sft(model, batch, cfg: WarmStartConfig, seed: int) -> list[float]:
             width = int(lengths[idx].max())
             ids, att, mask = batch.input_ids[idx, :width], batch.attention_mask[idx, :width], batch.loss_mask[idx, :width]
             obs = passages[idx, :width]
-            logp, _, _ = token_logp(model, ids, att, mask=mask + obs if cfg.aux_lm > 0 else mask)
-            policy_loss = -masked_mean(logp, mask)
+            with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logp, _, _ = token_logp(model, ids, att, mask=mask + obs if cfg.aux_lm > 0 else mask)
+            w = policy_weights(ids, mask, answer_id, cfg.answer_weight)
+            policy_loss = -(logp * w).sum() / w.sum().clamp(min=1)
             loss = policy_loss - cfg.aux_lm * masked_mean(logp, obs) if cfg.aux_lm > 0 else policy_loss
             opt.zero_grad()
             loss.backward()
@@ -205,7 +225,7 @@ def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutC
     batch = teacher_batch(tokenizer, retriever, list(rows), titles, rcfg, cfg, seed)
     teacher_em = sum(0.0 if a is None else exact_match(a, g) for a, g in zip(batch.answers, rows["golden_answers"])) / len(rows)
     lap("teacher_s")
-    curve = sft(model, batch, cfg, seed)
+    curve = sft(model, batch, cfg, seed, tokenizer.convert_tokens_to_ids("<answer>"))
     lap("sft_s")
     sets = {d: load_split(world_dir, d, eval_split(world_dir, d), limit=cfg.eval_limit) for d in DATASETS}
     report = {"model": model_name, "key": key, "seed": seed, "config": asdict(cfg), "teacher_em": teacher_em,

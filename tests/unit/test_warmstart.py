@@ -22,3 +22,17 @@ def test_teacher_question_limit_takes_a_prefix_of_the_shuffled_train_set(small_w
     all_rows = teacher_questions(small_world, WarmStartConfig(n_val=8), seed=0)
     some = teacher_questions(small_world, WarmStartConfig(n_val=8, questions=10), seed=0)
     assert some["id"] == all_rows["id"][:10]
+
+
+def test_policy_weights_scale_the_answer_span_only():
+    import torch
+
+    from sapo_bench.warmstart import policy_weights
+
+    A = 9  # the <answer> token id
+    ids = torch.tensor([[1, 2, 3, 4, A, 5, 6, 7], [1, A, 2, A, 3, 4, 0, 0]])
+    # second row: an <answer> inside a passage (mask 0) must not start the span
+    mask = torch.tensor([[0, 1, 1, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1, 0, 0]], dtype=torch.float)
+    w = policy_weights(ids, mask, A, 4.0)
+    assert w.tolist() == [[0, 1, 1, 0, 4, 4, 4, 0], [0, 0, 0, 4, 4, 4, 0, 0]]
+    assert policy_weights(ids, mask, A, 1.0) is mask and policy_weights(ids, mask, None, 4.0) is mask
