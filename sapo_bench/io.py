@@ -25,6 +25,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append `line` and a newline to `path`, entirely or not at all: a write that fails part way
+    (disk full, quota) is cut back off, so a reader never sees half a line. Not for concurrent
+    writers (one process, rank zero, writes a run's metrics)."""
+    if "\n" in line:
+        raise ValueError("append_line writes one line; the text holds a newline")
+    data = (line + "\n").encode("utf-8")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 

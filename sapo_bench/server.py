@@ -8,6 +8,11 @@
 Every error is a JSON `{"error": "..."}`: 413 for a body over the byte limit, 400 for a request
 breaking another bound or the schema, 411 without a Content-Length, 404/405 for a wrong
 path/method, 500 for an internal failure. A bad request never takes the server down.
+
+Under load: the kernel holds up to `backlog` connections that the server has not accepted yet, and
+at most `workers` are served at once; a burst of clients waits its turn instead of being reset.
+SIGTERM or SIGINT: stop accepting, answer every request already sent (in flight or waiting in the
+backlog), then exit 0.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import threading
 import traceback
@@ -32,6 +38,13 @@ MAX_QUERIES = 512
 MAX_TOPK = 50
 MAX_QUERY_CHARS = 2000
 DRAIN_BYTES = 64 << 20
+# socketserver listens with a backlog of 5: 64 clients connecting at once got connection resets.
+# Linux caps it at net.core.somaxconn (4096 on current kernels).
+BACKLOG = 1024
+# Searches run one at a time (search_lock), so more threads add no throughput, only memory and
+# lock contention; enough to overlap reading and writing many clients' requests.
+WORKERS = 32
+STOP_GRACE_S = 30.0  # how long a stop waits for the requests in flight (the handler's own timeout)
 LIMITS = {"max_body_bytes": MAX_BODY_BYTES, "max_queries": MAX_QUERIES,
           "max_topk": MAX_TOPK, "max_query_chars": MAX_QUERY_CHARS}
 
@@ -45,10 +58,17 @@ class RequestError(Exception):
 class RetrievalServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, retriever: Retriever, *, default_topk: int = DEFAULT_TOPK, **limits):
+    def __init__(self, address, retriever: Retriever, *, default_topk: int = DEFAULT_TOPK,
+                 workers: int = WORKERS, backlog: int = BACKLOG, **limits):
         unknown = set(limits) - set(LIMITS)
         if unknown:
             raise ValueError(f"unknown limits {sorted(unknown)}; valid: {sorted(LIMITS)}")
+        if workers < 1 or backlog < 1:
+            raise ValueError(f"workers and backlog must be positive, got workers={workers}, backlog={backlog}")
+        self.request_queue_size = backlog  # read by listen() in server_activate, below
+        self.workers = workers
+        self._active = 0  # requests being served; at most `workers`
+        self._busy = threading.Condition()
         self.retriever = retriever
         self.default_topk = default_topk
         self.limits = {**LIMITS, **limits}
@@ -62,12 +82,83 @@ class RetrievalServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def process_request(self, request, client_address):
+        # Blocks the accept loop while every worker is busy: later connections wait in the
+        # listen backlog, in order, rather than each getting a thread of its own.
+        with self._busy:
+            self._busy.wait_for(lambda: self._active < self.workers)
+            self._active += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._finished()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._finished()
+
+    def _finished(self) -> None:
+        with self._busy:
+            self._active -= 1
+            self._busy.notify_all()
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> int:
+        """After `shutdown()`: serve the connections still in the listen backlog (their clients
+        have sent their requests), close the socket, and wait up to `grace_s` for every request
+        in flight. Returns how many were still running at the deadline."""
+        self.socket.setblocking(False)
+        while True:
+            try:
+                request, client_address = self.get_request()
+            except OSError:  # BlockingIOError: the backlog is empty
+                break
+            request.setblocking(True)
+            self.process_request(request, client_address)
+        # What TCPServer.server_close does. Not ThreadingMixIn's: it joins without a deadline, and
+        # only non-daemon threads, which would hold the process up at exit.
+        self.socket.close()
+        with self._busy:
+            self._busy.wait_for(lambda: self._active == 0, timeout=grace_s)
+            return self._active
+
 
 def make_server(retriever: Retriever, host: str = "127.0.0.1", port: int = 8000,
-                **limits) -> RetrievalServer:
+                **options) -> RetrievalServer:
     """A bound, not yet serving server; run `serve_forever()` (e.g. in a thread), then
-    `shutdown()` and `server_close()`. Port 0 picks a free port (see `server.url`)."""
-    return RetrievalServer((host, port), retriever, **limits)
+    `shutdown()` and `server_close()`. Port 0 picks a free port (see `server.url`).
+    Options: default_topk, workers, backlog and the LIMITS."""
+    return RetrievalServer((host, port), retriever, **options)
+
+
+def serve_until_signalled(server: RetrievalServer, grace_s: float = STOP_GRACE_S) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully (`RetrievalServer.stop`). A second
+    signal kills the process at once. Call from the main thread."""
+    stopping = threading.Event()
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signal.Signals(signum).name)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
+        stopping.set()
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+    accept = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
+    accept.start()
+    stopping.wait()
+    log.info("%s: stopping; answering every request already sent", received[0])
+    server.shutdown()
+    accept.join()
+    left = server.stop(grace_s)
+    if left:
+        log.warning("%d requests still running %.0f s after %s (stalled clients); exiting anyway",
+                    left, grace_s, received[0])
+    else:
+        log.info("every request answered; exiting")
 
 
 def parse_request(body: bytes, limits: dict, default_topk: int) -> tuple[list[str], int, bool]:
@@ -232,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-queries", type=int, default=MAX_QUERIES)
     ap.add_argument("--max-topk", type=int, default=MAX_TOPK)
     ap.add_argument("--max-query-chars", type=int, default=MAX_QUERY_CHARS)
+    ap.add_argument("--workers", type=int, default=WORKERS, help="requests served at once")
+    ap.add_argument("--backlog", type=int, default=BACKLOG,
+                    help="connections the kernel queues before the server accepts them")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -242,19 +336,18 @@ def main(argv: list[str] | None = None) -> None:
         retriever = build_retriever(args.method, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         sys.exit(f"sapo-retriever: {e}")
-    server = make_server(retriever, args.host, args.port, default_topk=args.topk,
-                         max_body_bytes=args.max_body_bytes, max_queries=args.max_queries,
-                         max_topk=args.max_topk, max_query_chars=args.max_query_chars)
+    try:
+        server = make_server(retriever, args.host, args.port, default_topk=args.topk, workers=args.workers,
+                             backlog=args.backlog, max_body_bytes=args.max_body_bytes,
+                             max_queries=args.max_queries, max_topk=args.max_topk,
+                             max_query_chars=args.max_query_chars)
+    except (OSError, ValueError) as e:
+        sys.exit(f"sapo-retriever: cannot serve on {args.host}:{args.port}: {e}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this interface can query the corpus", args.host)
-    log.info("%s retriever over %d passages of %s at %s/retrieve", args.method,
-             len(retriever.passages), args.corpus, server.url)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    log.info("%s retriever over %d passages of %s at %s/retrieve (%d workers, backlog %d)", args.method,
+             len(retriever.passages), args.corpus, server.url, server.workers, server.request_queue_size)
+    serve_until_signalled(server)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ grid that `sapo-train -m experiment=<name>` hands to Hydra's sweeper (and its SL
    each in its own process (`python -m sapo_bench.train`, log in <run_dir>/train.log), ordered
    round-robin over models so that parallel workers build different warm starts;
 3. keeps going when a run fails (its error.json names the error, the report flags it) and prints
-   runs done / total with an estimate of the time left; exits 1 if any run failed.
+   runs done / total with an estimate of the time left; exits 1 if any run failed;
+4. on SIGTERM or SIGINT stops its workers (SIGTERM, then SIGKILL after STOP_GRACE_S) before it
+   exits, so that nothing keeps writing into the run folders; the same command then resumes.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -36,10 +40,12 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
+from sapo_bench.checkpoints import RESUMABLE
 from sapo_bench.io import atomic_write_json
 from sapo_bench.runtime import CONF_DIR, RunConflict, config_hash, finished_result, prepare
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+STOP_GRACE_S = 30.0  # a worker told to stop gets this long before it is killed
 
 
 @dataclass
@@ -71,7 +77,7 @@ class Run:
             return "conflict"
         if (self.run_dir / "error.json").exists():
             return "failed"
-        return "partial" if (self.run_dir / "checkpoints" / "last.ckpt").exists() else "new"
+        return "partial" if any((self.run_dir / "checkpoints" / n).exists() for n in RESUMABLE) else "new"
 
     def error(self) -> str | None:
         path = self.run_dir / "error.json"
@@ -186,6 +192,47 @@ def launch(run: Run, slot: int, gpu: bool) -> subprocess.Popen:
     return proc
 
 
+class _StopSignals:
+    """Within the block, SIGTERM and SIGINT set `signum` instead of ending the process, so that the
+    sweep can stop its workers first (a terminated parent leaves its children running). A second
+    signal ends the process at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only there can Python take signals
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def stop_workers(procs: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM each worker (a training run stops after its current step; its last checkpoint
+    stays), then SIGKILL whichever has not exited after `grace_s`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.time() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def sweep(runs: list[Run], jobs: int, out=print) -> dict[str, list[Run]]:
     """Run what is not finished; returns the runs by final state (done / failed / conflict)."""
     states = {id(r): r.state() for r in runs}
@@ -207,40 +254,45 @@ def sweep(runs: list[Run], jobs: int, out=print) -> dict[str, list[Run]]:
     failed: list[Run] = []
     running: dict[int, tuple[Run, subprocess.Popen, float]] = {}
     queue = list(todo)
-    try:
-        while queue or running:
-            for slot in range(jobs):
-                if slot not in running and queue:
-                    run = queue.pop(0)
-                    running[slot] = (run, launch(run, slot, gpu), time.time())
-            time.sleep(0.2)
-            for slot, (run, proc, t0) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[slot]
-                took = time.time() - t0
-                progress.durations.append(took)
-                if proc.returncode == 0 and run.state() == "done":
-                    progress.done += 1
-                    verdict = f"finished {run.label} in {_fmt_s(took)}"
-                else:
-                    progress.failed += 1
-                    failed.append(run)
-                    if run.error() is None:  # killed before train() could say why (OOM, a signal)
-                        tail = (run.run_dir / "train.log").read_text(errors="replace")[-3000:]
-                        atomic_write_json(run.run_dir / "error.json", {
-                            "error": f"exit code {proc.returncode}; see {run.run_dir / 'train.log'}",
-                            "traceback": tail, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-                    err = run.error()
-                    verdict = f"FAILED {run.label}: {err}"
-                out(f"{progress.line(len(running), len(queue))} {verdict}")
-    except KeyboardInterrupt:
-        for run, proc, _ in running.values():
-            proc.terminate()
-        for run, proc, _ in running.values():
-            proc.wait()
-        out("interrupted: run the same command again to resume")
-        raise
+    with _StopSignals() as stop:
+        try:
+            while (queue or running) and not stop.signum:
+                for slot in range(jobs):
+                    if slot not in running and queue and not stop.signum:
+                        run = queue.pop(0)
+                        running[slot] = (run, launch(run, slot, gpu), time.time())
+                time.sleep(0.2)
+                for slot, (run, proc, t0) in list(running.items()):
+                    if proc.poll() is None or stop.signum:
+                        continue
+                    del running[slot]
+                    took = time.time() - t0
+                    progress.durations.append(took)
+                    if proc.returncode == 0 and run.state() == "done":
+                        progress.done += 1
+                        verdict = f"finished {run.label} in {_fmt_s(took)}"
+                    else:
+                        progress.failed += 1
+                        failed.append(run)
+                        if run.error() is None:  # killed before train() could say why (OOM, a signal)
+                            tail = (run.run_dir / "train.log").read_text(errors="replace")[-3000:]
+                            atomic_write_json(run.run_dir / "error.json", {
+                                "error": f"exit code {proc.returncode}; see {run.run_dir / 'train.log'}",
+                                "traceback": tail, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                        err = run.error()
+                        verdict = f"FAILED {run.label}: {err}"
+                    out(f"{progress.line(len(running), len(queue))} {verdict}")
+        except BaseException:
+            stop_workers([proc for _, proc, _ in running.values()])
+            raise
+        if stop.signum:
+            name = signal.Signals(stop.signum).name
+            out(f"{name}: stopping {len(running)} running: " + ", ".join(r.label for r, _, _ in running.values()))
+            stop_workers([proc for _, proc, _ in running.values()])
+            out("stopped: run the same command again to resume")
+            if stop.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + stop.signum)
     bad = {id(r) for r in failed + conflicts}
     done = [r for r in runs if id(r) not in bad]
     return {"done": done, "failed": failed, "conflict": conflicts}

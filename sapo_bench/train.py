@@ -6,7 +6,8 @@
 A run lives in its own folder (`run_dir`, named by model, algo and seed, so that starting the same
 run again finds it): metrics.jsonl (one line per training step and per validation), checkpoints/,
 config.yaml, and result.json once it has finished. Started again, a finished run is skipped and an
-interrupted one resumes from checkpoints/last.ckpt.
+interrupted one resumes from checkpoints/last.ckpt (or, if that one is damaged, from the previous
+one: sapo_bench/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import signal
 import time
 import traceback
 from pathlib import Path
+from weakref import proxy
 
 import hydra
 import lightning as L
@@ -24,11 +27,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from sapo_bench.algos import Algo
+from sapo_bench.checkpoints import publish, resume_checkpoint
 from sapo_bench.data import load_eval, load_train_and_validation
-from sapo_bench.io import atomic_write_json, atomic_write_text
+from sapo_bench.io import append_line, atomic_write_json, atomic_write_text
 from sapo_bench.module import SearchAgentRLModule, TrainConfig
 from sapo_bench.retrieval import build_retriever
 from sapo_bench.rollout import RolloutConfig
@@ -39,7 +44,7 @@ log = logging.getLogger("sapo_bench")
 
 
 class JsonlLogger(Logger):
-    """metrics.jsonl: one JSON object per logging call, appended and flushed as it happens."""
+    """metrics.jsonl: one JSON object per logging call, appended as it happens, whole or not at all."""
 
     def __init__(self, run_dir: str):
         super().__init__()
@@ -59,18 +64,72 @@ class JsonlLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics, step=None):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"optimizer_step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
-            f.flush()
+        append_line(self.path, json.dumps({"optimizer_step": step, **{k: float(v) for k, v in metrics.items()}}))
 
     @rank_zero_only
     def truncate(self, last_step: int) -> None:
         """Forget lines past `last_step` (a resumed run replays those steps)."""
         if self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("train/step", 0) <= last_step]
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            keep = []
+            for i, line in enumerate(lines):
+                try:
+                    step = json.loads(line).get("train/step", 0)
+                except json.JSONDecodeError:
+                    if i < len(lines) - 1:
+                        raise
+                    # append_line never leaves half a line; a machine crash mid-write still can.
+                    log.warning("%s: dropping its incomplete last line", self.path)
+                    continue
+                if step <= last_step:
+                    keep.append(line)
             atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
+
+class SafeCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that writes each file to `<name>.tmp` and renames it into place, keeping the
+    file it replaces as last.prev.ckpt (`checkpoints.publish`): a kill during a save leaves the
+    previous checkpoints whole. Always `last.ckpt`, never `last-v1.ckpt`: resume looks there.
+
+    A step's checkpoint is saved once its metrics.jsonl line is written: Lightning logs a step
+    after on_train_batch_end, so a checkpoint saved there and a kill before the line would resume
+    past a step that metrics.jsonl never got. It is saved at the next step's start, at the epoch's
+    end, or when SIGTERM stops the run between steps."""
+
+    def __init__(self, **kwargs):
+        super().__init__(enable_version_counter=False, **kwargs)
+        self._pending = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._pending = (outputs, batch, batch_idx)
+
+    def _save_pending(self, trainer, pl_module) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            super().on_train_batch_end(trainer, pl_module, *pending)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._save_pending(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._save_pending(trainer, pl_module)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException):  # raised between steps, the last one logged
+            self._save_pending(trainer, pl_module)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # ModelCheckpoint._save_checkpoint (Lightning 2.6), with the write redirected and published.
+        tmp = f"{filepath}.tmp"
+        trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank takes part; ends in a barrier
+        if trainer.is_global_zero:
+            publish(tmp, filepath)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
 
 def train(cfg: DictConfig) -> dict:
@@ -86,6 +145,11 @@ def train(cfg: DictConfig) -> dict:
         return done
     try:
         result = _train(cfg, run_dir)
+    except SIGTERMException:
+        # Lightning stops after the current step and raises SystemExit(None), which exits 0; a
+        # run that did not finish must not look like one that did.
+        log.warning("%s: stopped by SIGTERM; its last checkpoint is kept: start it again to resume", run_dir)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as e:
         atomic_write_json(run_dir / "error.json", {"error": f"{type(e).__name__}: {e}",
                                                    "traceback": traceback.format_exc()[-4000:],
@@ -103,6 +167,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=bool(cfg.model.chat_template))
     tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Before the expensive set-up: a run that cannot resume says so at once.
+    last = resume_checkpoint(run_dir / "checkpoints", move_bad=rank_zero_only.rank == 0)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     prepare_data(cfg)
     retriever = RetryingRetriever(build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True)))
@@ -115,20 +181,19 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     module = SearchAgentRLModule(model, tokenizer, ref, retriever, algo, train_set, val_sets, test_sets, rcfg, tcfg,
                                  seed=cfg.seed, eval_batch_size=cfg.eval.batch_size)
     logger = hydra.utils.instantiate(cfg.logger)
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                  every_n_train_steps=cfg.checkpoint_every * module.opt_steps_per_rollout)
+    checkpoints = SafeCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                 every_n_train_steps=cfg.checkpoint_every * module.opt_steps_per_rollout)
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), max_epochs=-1, logger=logger,
                         callbacks=[checkpoints], enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, val_check_interval=cfg.eval.val_every, check_val_every_n_epoch=None,
                         log_every_n_steps=1,
                         default_root_dir=str(run_dir))
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.exists():
+    if last is not None:
         log.info("resuming %s from %s", run_dir, last)
     else:  # a fresh start (or a retry of a run that failed before its first checkpoint) logs afresh
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     module.resume_hook = getattr(logger, "truncate", None)
-    trainer.fit(module, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(module, ckpt_path=str(last) if last is not None else None)
     trainer.test(module, verbose=False)
     test = module.test_results
     summary = module.run_summary()

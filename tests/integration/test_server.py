@@ -1,10 +1,16 @@
-"""The retrieval server over real HTTP on 127.0.0.1: Search-R1's contract, its bounds, bad requests."""
+"""The retrieval server over real HTTP on 127.0.0.1: Search-R1's contract, its bounds, bad requests,
+bursts of clients and a graceful stop."""
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +172,127 @@ def test_make_server_rejects_unknown_limits(retriever):
     with pytest.raises(ValueError, match="unknown limits.*valid"):
         srv.make_server(retriever, "127.0.0.1", 0, max_bytes=10)
     assert srv.LIMITS == {"max_body_bytes": 1 << 20, "max_queries": 512, "max_topk": 50, "max_query_chars": 2000}
+
+
+def test_make_server_rejects_nonpositive_workers_or_backlog(retriever):
+    for bad in ({"workers": 0}, {"backlog": 0}):
+        with pytest.raises(ValueError, match="workers and backlog must be positive"):
+            srv.make_server(retriever, "127.0.0.1", 0, **bad)
+
+
+def request_bytes(body: dict, cut: int | None = None) -> bytes:
+    data = json.dumps(body).encode()
+    head = f"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    return head.encode() + (data if cut is None else data[:cut])
+
+
+def read_reply(sock) -> tuple[int, dict]:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_burst_waits_in_the_backlog_while_every_worker_is_busy(retriever):
+    # One worker, held by a client that has sent half its body: 64 more clients connect and send
+    # their requests meanwhile. They wait in the listen backlog (socketserver's default of 5 drops
+    # them) and each gets its answer once the worker is free.
+    server, thread = serve(retriever, workers=1)
+    host, port = server.server_address[:2]
+    try:
+        slow = socket.create_connection((host, port), timeout=10)
+        full = request_bytes(GOOD)
+        slow.sendall(full[:-5])
+        burst = []
+        for _ in range(64):
+            s = socket.create_connection((host, port), timeout=10)
+            s.sendall(request_bytes(GOOD))
+            burst.append(s)
+        slow.sendall(full[-5:])
+        for s in [slow, *burst]:
+            with s:
+                status, reply = read_reply(s)
+                assert status == 200 and reply["result"][0][0]["document"]["id"] == "d3"
+    finally:
+        stop(server, thread)
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "contents": f"{t}\n{x}"}) + "\n" for i, t, x in DOCS))
+    return path
+
+
+def start_cli(corpus, *args) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sapo_bench.server", "--corpus", str(corpus), "--port",
+                             str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if call(f"http://127.0.0.1:{port}", "/health", method="GET")[0] == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("sapo-retriever never answered /health")
+
+
+def test_sigterm_answers_the_requests_already_sent_then_exits_0(corpus_file):
+    proc, port = start_cli(corpus_file, "--workers", "1")
+    try:
+        # In flight: half a body sent, the rest only after the signal. Waiting: five complete
+        # requests behind it (one worker), in the listen backlog when the signal comes.
+        inflight = socket.create_connection(("127.0.0.1", port), timeout=10)
+        full = request_bytes(GOOD)
+        inflight.sendall(full[:-5])
+        time.sleep(0.2)
+        waiting = []
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(request_bytes({"queries": ["Tallow Press"], "topk": 1}))
+            waiting.append(s)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # still answering what was sent
+        inflight.sendall(full[-5:])
+        with inflight:
+            status, reply = read_reply(inflight)
+        assert status == 200 and reply["result"][0][0]["document"]["id"] == "d3"
+        for s in waiting:
+            with s:
+                status, reply = read_reply(s)
+            assert status == 200 and reply["result"][0][0]["id"] == "d5"
+        assert proc.wait(timeout=20) == 0
+        log = proc.stdout.read()
+        assert "SIGTERM: stopping; answering every request already sent" in log and "every request answered; exiting" in log
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_256_clients_mixed_valid_and_invalid_no_connection_error(micro_world, tmp_path):
+    """The load test of the README's numbers (benchmarks/server_load.py), at its smallest bound."""
+    out = tmp_path / "load.json"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "benchmarks/server_load.py", "--clients", "256", "--requests", "2000",
+                           "--invalid", "0.25", "--world", str(micro_world), "--json", str(out),
+                           "--server-log", str(tmp_path / "server.log")],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["clients"] == 256 and rep["requests"] == 2000 and rep["connection_errors"] == 0
+    assert rep["invalid_requests"] > 400 and set(rep["invalid_kinds"]) == set(
+        ["bad_json", "not_a_list", "too_many_queries", "topk_too_large", "query_too_long", "body_too_large",
+         "wrong_path", "wrong_method"])
+    assert rep["outcomes"] == {"invalid: ok": rep["invalid_requests"], "valid: ok": rep["valid_requests"]}
+    assert rep["server_exit_after_sigterm"] == 0 and rep["p99_ms"] >= rep["p50_ms"] > 0

@@ -1,8 +1,11 @@
+import errno
 import json
+import os
 
 import pytest
 
-from sapo_bench.io import atomic_write_json, atomic_write_text
+from sapo_bench import io
+from sapo_bench.io import append_line, atomic_write_json, atomic_write_text
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
@@ -20,3 +23,66 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
         atomic_write_json(path, {"em": float("nan")})  # NaN is not JSON: refused, not half-written
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def disk_full():
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_write_that_runs_out_of_disk_leaves_the_old_result_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "result.json"
+    atomic_write_json(path, {"em": 0.5})
+    real_fdopen = os.fdopen
+
+    class HalfThenFull:  # writes half of what it is given, then the disk is full
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise disk_full()
+
+    monkeypatch.setattr(io.os, "fdopen", lambda *a, **k: HalfThenFull(real_fdopen(*a, **k)))
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_json(path, {"em": 0.75, "test": {"nq": {"em": 0.75}}})
+    assert json.loads(path.read_text()) == {"em": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def short_write_then_full(monkeypatch, target):
+    """os.write on `target` writes half its bytes, then fails: what a filling disk does."""
+    real_write = os.write
+    calls = []
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}") != str(target):
+            return real_write(fd, data)
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise disk_full()
+
+    monkeypatch.setattr(io.os, "write", write)
+    return calls
+
+
+def test_append_line_is_all_or_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    append_line(path, json.dumps({"train/step": 1}))
+    with monkeypatch.context() as m:
+        calls = short_write_then_full(m, path)
+        with pytest.raises(OSError, match="No space left"):
+            append_line(path, json.dumps({"train/step": 2, "loss/policy": 0.125}))
+        assert len(calls) == 2  # half of the line did reach the file before it was cut back
+    assert path.read_text() == '{"train/step": 1}\n'
+    append_line(path, json.dumps({"train/step": 2}))  # space again: appends go on as if nothing happened
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"train/step": 1}, {"train/step": 2}]
+    with pytest.raises(ValueError, match="one line"):
+        append_line(path, "a\nb")
