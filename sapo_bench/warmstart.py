@@ -188,11 +188,18 @@ def teacher_questions(world_dir: str | Path, cfg: WarmStartConfig, seed: int = 0
     return rows if cfg.questions is None else rows.select(range(min(cfg.questions, len(rows))))
 
 
+# Which engine generates does not change a warm start: its teacher is scripted and its greedy
+# evaluation agrees across engines (tests/vllm_backend). So the key leaves the engine fields out, and keeps
+# "backend" at "hf", its value when hf was the only engine, so that caches built then stay valid.
+ENGINE_FIELDS = ("backend", "fallback", "engine_options")
+
+
 def cache_key(world_dir: Path, model_name: str, model_config: dict, tokenizer, rcfg: RolloutConfig,
               cfg: WarmStartConfig, seed: int) -> str:
+    rollout = {k: v for k, v in asdict(rcfg).items() if k not in ENGINE_FIELDS} | {"backend": "hf"}
     blob = json.dumps({"world": hashlib.sha256((Path(world_dir) / "world.json").read_bytes()).hexdigest(),
                        "model": model_name, "config": model_config, "vocab": sorted(tokenizer.get_vocab().items()),
-                       "rollout": asdict(rcfg), "warmstart": asdict(cfg), "seed": seed, "version": FORMAT_VERSION},
+                       "rollout": rollout, "warmstart": asdict(cfg), "seed": seed, "version": FORMAT_VERSION},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

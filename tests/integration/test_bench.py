@@ -20,20 +20,26 @@ def small_world(root: Path) -> list[str]:
 
 def test_perf_harness_runs_every_case_and_reports_each_measure(tmp_path):
     out, raw = tmp_path / "perf.md", tmp_path / "perf.json"
+    # The vllm rows need .venv-vllm (tests/vllm_backend/test_vllm_bench.py runs them): here the report
+    # must say they were not measured, and why.
     proc = subprocess.run([sys.executable, "benchmarks/perf.py", *TOY, *small_world(tmp_path / "world"),
+                           "--vllm-python", str(tmp_path / "no-venv" / "python"),
                            "--out", str(out), "--json", str(raw)], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = out.read_text()
     for row in ("rollout tokens/s, warm-started policy", "rollout tokens/s, untrained policy",
                 "GRPO training step, s", "SAPO's term, share of the update", "peak memory", "## Threads and dtype",
-                "TRL GRPOTrainer", "regenerate each turn", "Machine:", "Versions:", "trl "):
+                "TRL GRPOTrainer", "regenerate each turn", "Machine:", "Versions:", "trl ",
+                "The vllm rollout rows were not measured", "make install-vllm"):
         assert row in report, row
     assert report in proc.stdout  # printed too
     res = json.loads(raw.read_text())
     for case in ("rollout:sapo-bench", "rollout:regenerate", "rollout-untrained:sapo-bench",
                  "rollout-untrained:regenerate"):
         assert res[case]["tokens_per_s"] > 0 and res[case]["positions_per_episode"] > 0
+    for case in ("rollout:sapo-bench", "rollout-untrained:sapo-bench"):  # behaviour = training numerics
+        assert res[case]["logp_gap"]["max"] < 1e-4
     # Regenerating re-encodes each turn's context: it computes more positions than the KV cache does.
     untrained = res["rollout-untrained:regenerate"]["positions_per_episode"]
     assert untrained > res["rollout-untrained:sapo-bench"]["positions_per_episode"]

@@ -41,6 +41,8 @@ def lines(run_dir):
 @pytest.mark.parametrize("algo", ["sapo", "ppo"])
 def test_a_tiny_run_end_to_end(tmp_path, algo):
     cfg = tiny_cfg(tmp_path, algo=algo)
+    if algo == "sapo":  # the mismatch machinery on the hf engine, where behaviour = training numerics
+        cfg.train.recompute_old_logp, cfg.train.tis = True, True
     result = train(cfg)
     run = Path(cfg.run_dir)
     saved = json.loads((run / "result.json").read_text())
@@ -57,8 +59,13 @@ def test_a_tiny_run_end_to_end(tmp_path, algo):
     assert steps[0]["train/optimizer_steps"] == 2  # 6 responses in mini-batches of 3: off-policy structure
     if algo == "sapo":
         assert "loss/sapo_term" in steps[0]
+        for m in steps:  # the hf engine's behaviour log-probs are the training forward's
+            assert m["rollout/logp_gap_max"] < 1e-4 and m["rollout/tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+            assert m["rollout/tis_capped_frac"] == 0.0
     else:
         assert "loss/value" in steps[0]
+        assert "rollout/logp_gap_mean" not in steps[0]  # hf: nothing recomputed by default
+    assert saved["run"]["rollout_backend"] == "hf" and saved["run"]["recompute_old_logp"] == (algo == "sapo")
     assert any("val/em" in m for m in lines(run))
     # Every logged name is documented once in docs/metrics.md (per-dataset names by their pattern).
     doc = (CONF.parent / "docs" / "metrics.md").read_text()

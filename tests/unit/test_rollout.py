@@ -1,6 +1,8 @@
 """The episode loop with a scripted engine (exact), and the KV-cache engine against references."""
 
+import importlib.util
 import json
+import logging
 
 import pytest
 import torch
@@ -145,8 +147,10 @@ def test_rollout_backends_are_looked_up_by_name(tiny_model, micro_tok, small_wor
     from sapo_bench.data import load_split
     from sapo_bench.evaluate import evaluate_policy
 
-    with pytest.raises(ValueError, match="unknown rollout backend 'vllm'; valid: .*hf"):
-        RolloutConfig(backend="vllm")
+    with pytest.raises(ValueError, match="unknown rollout backend 'nope'; valid: hf, vllm"):
+        RolloutConfig(backend="nope")
+    with pytest.raises(ValueError, match="engine_options names unknown backend.*'vlm'"):
+        RolloutConfig(engine_options={"vlm": {}})
     calls = []
 
     def counting(model, tokenizer, **sampling):  # a third-party backend: HFEngine, counting its turns
@@ -165,3 +169,24 @@ def test_rollout_backends_are_looked_up_by_name(tiny_model, micro_tok, small_wor
         assert calls and calls[0] == 3
     finally:
         del rollout_mod.ENGINES["counting"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_without_vllm_says_how_to_install_it_and_a_fallback_is_taken_with_a_warning(caplog):
+    from sapo_bench.rollout import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match=r"vLLM is not installed .*`make install-vllm` builds .venv-vllm"):
+        RolloutConfig(backend="vllm")
+    with caplog.at_level(logging.WARNING, logger="sapo_bench"):
+        cfg = RolloutConfig(backend="vllm", fallback="hf")
+    assert cfg.backend == "hf"
+    assert "rollout.backend=vllm cannot run here" in caplog.text and "make install-vllm" in caplog.text
+
+
+def test_the_hf_engine_stops_on_a_stop_string_spelled_in_byte_pieces(tiny_model, micro_tok):
+    """The micro tokenizer has "</answer>" as one token, but a policy can also write it in pieces."""
+    engine = HFEngine(tiny_model, micro_tok)
+    pieces = [micro_tok.convert_tokens_to_ids(t) for t in ("<", "/", "an", "swer", ">")]
+    assert micro_tok.decode(pieces) == "</answer>" and None not in pieces
+    assert engine._stopped(micro_tok("<answer> Bo", add_special_tokens=False)["input_ids"] + pieces)
+    assert not engine._stopped(pieces[:-1])
