@@ -67,6 +67,14 @@ def truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def crash_run(cfg, monkeypatch, n):
+    """Train until the n-th checkpoint is published, then die."""
+    with monkeypatch.context() as m:
+        crash_after_save(m, n)
+        with pytest.raises(Crash):
+            train(cfg)
+
+
 def zero_fill(path):
     path.write_bytes(bytes(path.stat().st_size))
 
@@ -75,10 +83,7 @@ def zero_fill(path):
 def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, world, monkeypatch, caplog, damage):
     cfg = cfg_for(tmp_path, world)
     run = Path(cfg.run_dir)
-    with monkeypatch.context() as m:
-        crash_after_save(m, 2)
-        with pytest.raises(Crash):
-            train(cfg)
+    crash_run(cfg, monkeypatch, 2)
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [LAST, PREVIOUS] and train_steps(run) == [1.0, 2.0]
     damage(ckpts / LAST)  # what a kill during a non-atomic save, or a bad disk, leaves
@@ -94,10 +99,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, wor
 def test_no_usable_checkpoint_is_a_clear_error_and_moving_it_away_restarts(tmp_path, world, monkeypatch):
     cfg = cfg_for(tmp_path, world, steps=2)
     run = Path(cfg.run_dir)
-    with monkeypatch.context() as m:
-        crash_after_save(m, 1)
-        with pytest.raises(Crash):
-            train(cfg)
+    crash_run(cfg, monkeypatch, 1)
     ckpts = run / "checkpoints"
     truncate(ckpts / LAST)
     with pytest.raises(CheckpointError) as e:
