@@ -127,7 +127,7 @@ def policy_weights(ids, mask, answer_id: int | None, answer_weight: float):
 def sft(model, batch, cfg: WarmStartConfig, seed: int, answer_id: int | None = None) -> list[float]:
     """Cross-entropy on the generated (loss-mask) tokens, plus cfg.aux_lm times a language-model loss
     on the inserted passages, for cfg.epochs passes (a fraction runs part of the last); returns the
-    mean generated-token loss of each pass."""
+    mean policy loss (generated tokens, answers weighted by cfg.answer_weight) of each pass."""
     from sapo_bench.module import token_logp
 
     gen = torch.Generator().manual_seed(seed)
