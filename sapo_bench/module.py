@@ -42,6 +42,7 @@ from sapo_bench.losses import entropy_bonus, policy_loss, ref_kl, value_loss
 from sapo_bench.rewards import get_metric
 from sapo_bench.rollout import (RolloutBatch, RolloutConfig, engine_exact_logp, make_engine, release_engine, rollout,
                                 sync_engine)
+from sapo_bench.settings import SettingError, check_int, check_number
 
 
 @dataclass
@@ -66,6 +67,57 @@ class TrainConfig:
     tis_cap: float = 2.0          # C of min(exp(old − behaviour), C)
     nonfinite_patience: int = 5
     collapse: dict = field(default_factory=lambda: {"window": 5, "frac": 0.5, "min_steps": 10})
+
+    def __post_init__(self):
+        for name in ("prompts_per_step", "group_size", "mini_batch_size", "micro_batch_size", "ppo_epochs",
+                     "max_steps", "nonfinite_patience"):
+            check_int(f"train.{name}", getattr(self, name))
+        batch = self.prompts_per_step * self.group_size
+        if self.mini_batch_size > batch:
+            raise SettingError(f"train.mini_batch_size ({self.mini_batch_size}) is larger than the rollout batch, "
+                               f"train.prompts_per_step × train.group_size = {self.prompts_per_step} × "
+                               f"{self.group_size} = {batch}: lower it, or roll out more")
+        if self.mini_batch_size % self.micro_batch_size:
+            raise SettingError(f"train.micro_batch_size ({self.micro_batch_size}) must divide "
+                               f"train.mini_batch_size ({self.mini_batch_size}): a mini-batch's gradient is "
+                               "accumulated over whole micro-batches")
+        check_number("train.lr", self.lr, minimum=0)
+        check_number("train.weight_decay", self.weight_decay, minimum=0)
+        check_number("train.warmup_ratio", self.warmup_ratio, minimum=0, maximum=1)
+        check_number("train.grad_clip", self.grad_clip, minimum=0)  # 0: no clipping, as in Lightning
+        check_number("train.ref_kl_beta", self.ref_kl_beta, minimum=0)
+        check_number("train.entropy_coef", self.entropy_coef)
+        check_number("train.tis_cap", self.tis_cap, positive=True)
+        get_metric(self.reward)  # an unknown name fails here, listing the valid ones
+        for key, value in self.collapse.items():  # CollapseDetector's arguments
+            if key == "window":
+                check_int("train.collapse.window", value)
+            elif key == "frac":
+                check_number("train.collapse.frac", value, positive=True, maximum=1)
+            elif key == "min_steps":
+                check_int("train.collapse.min_steps", value, minimum=0)
+            else:
+                raise SettingError(f"unknown train.collapse key {key!r}; valid: window, frac, min_steps")
+
+    def recompute_for(self, backend: str) -> bool:
+        """Whether old log-probs are recomputed by the training forward with this rollout backend."""
+        return (not engine_exact_logp(backend)) if self.recompute_old_logp is None else bool(self.recompute_old_logp)
+
+
+# Estimators whose baseline is the group's own mean: a group of one response is its own baseline,
+# so its advantage is 0 and such a run learns nothing.
+GROUP_MEAN_BASELINE = ("grpo", "dr_grpo")
+
+
+def check_run(train_cfg: TrainConfig, algo: Algo, rollout_cfg: RolloutConfig) -> None:
+    """What TrainConfig cannot check alone: settings that cannot work with this algorithm or engine."""
+    if train_cfg.group_size < 2 and algo.advantage in GROUP_MEAN_BASELINE:
+        raise SettingError(f"train.group_size=1 cannot train algo {algo.name!r}: its {algo.advantage} advantage "
+                           "compares each response with its group's mean, which a group of one is, so every "
+                           "advantage is 0; use train.group_size of 2 or more")
+    if train_cfg.tis and not train_cfg.recompute_for(rollout_cfg.backend):
+        raise SettingError("train.tis=true weighs tokens by exp(old − behaviour), which needs the old log-probs "
+                           "recomputed by the training forward: set train.recompute_old_logp=true (or null)")
 
 
 class CollapseDetector:
@@ -159,13 +211,8 @@ class SearchAgentRLModule(L.LightningModule):
         self.collapse = CollapseDetector(**train_cfg.collapse)
         self.test_results: dict = {}
         self.tau = float(algo.loss_params.get("tau", 1.0))
-        exact = engine_exact_logp(rollout_cfg.backend)
-        self.recompute = (not exact) if train_cfg.recompute_old_logp is None else bool(train_cfg.recompute_old_logp)
-        if train_cfg.tis and not self.recompute:
-            raise ValueError("train.tis=true weighs tokens by exp(old − behaviour), which needs the old log-probs "
-                             "recomputed by the training forward: set train.recompute_old_logp=true (or null)")
-        if train_cfg.tis_cap <= 0:
-            raise ValueError(f"train.tis_cap must be positive, got {train_cfg.tis_cap}")
+        check_run(train_cfg, algo, rollout_cfg)
+        self.recompute = train_cfg.recompute_for(rollout_cfg.backend)
         self._perms: dict[int, list[int]] = {}
         self._eval: dict[str, list] = {}
 

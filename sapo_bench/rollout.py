@@ -35,6 +35,7 @@ import torch
 from sapo_bench.prompts import INVALID_ACTION, make_prompt, observation
 from sapo_bench.retrieval import format_passages
 from sapo_bench.rewards import extract_answer
+from sapo_bench.settings import check_int, check_number
 
 log = logging.getLogger("sapo_bench")
 
@@ -63,6 +64,11 @@ class RolloutConfig:
     engine_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for name in ("max_new_tokens", "max_obs_tokens", "max_response_tokens", "max_prompt_tokens", "topk"):
+            check_int(f"rollout.{name}", getattr(self, name))
+        check_int("rollout.max_turns", self.max_turns, minimum=0)  # 0: answer at once, without searching
+        check_number("rollout.temperature", self.temperature, positive=True)
+        check_number("rollout.top_p", self.top_p, positive=True, maximum=1)
         unknown = sorted(set(self.engine_options) - set(ENGINES) - set(LAZY_ENGINES))
         if unknown:
             raise ValueError(f"rollout.engine_options names unknown backend(s) {', '.join(map(repr, unknown))}; "

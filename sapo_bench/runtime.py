@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sapo_bench.algos import Algo
 from sapo_bench.io import file_lock
 from sapo_bench.retrieval import build_retriever
 from sapo_bench.rollout import RolloutConfig
+from sapo_bench.settings import check_int
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("sapo_bench")
@@ -100,6 +102,24 @@ def prepare(cfg: DictConfig) -> None:
         from sapo_bench.models import micro_tokenizer
 
         micro_tokenizer(cfg.data.root)
+
+
+RUN_CONFIG_KEYS = ("algo", "rollout", "model", "train", "checkpoint_every", "eval")  # what run_configs reads
+
+
+def run_configs(cfg: DictConfig) -> tuple[Algo, RolloutConfig, "TrainConfig"]:
+    """A training run's algorithm, rollout and training configs, each checked alone and then
+    together, and the run's own sizes: what cannot work fails here, before anything is built."""
+    from sapo_bench.module import TrainConfig, check_run  # lazily: module.py imports runtime's importers
+
+    algo = Algo.from_config(OmegaConf.to_container(cfg.algo, resolve=True))
+    rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=bool(cfg.model.chat_template))
+    tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+    check_run(tcfg, algo, rcfg)
+    check_int("checkpoint_every", cfg.checkpoint_every)
+    check_int("eval.val_every", cfg.eval.val_every)
+    check_int("eval.batch_size", cfg.eval.batch_size)
+    return algo, rcfg, tcfg
 
 
 def load_policy_for(cfg: DictConfig, retriever, rcfg: RolloutConfig):

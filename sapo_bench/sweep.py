@@ -38,11 +38,12 @@ from hydra import compose, initialize_config_dir
 # The basic sweeper's own expansion, so that `sapo-sweep X` and `sapo-train -m experiment=X` agree.
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sapo_bench.checkpoints import RESUMABLE
 from sapo_bench.io import atomic_write_json
-from sapo_bench.runtime import CONF_DIR, RunConflict, config_hash, finished_result, prepare
+from sapo_bench.runtime import (CONF_DIR, RUN_CONFIG_KEYS, RunConflict, config_hash, finished_result, prepare,
+                                run_configs)
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 STOP_GRACE_S = 30.0  # a worker told to stop gets this long before it is killed
@@ -244,6 +245,16 @@ def sweep(runs: list[Run], jobs: int, out=print) -> dict[str, list[Run]]:
     resumed = sum(states[id(r)] == "partial" for r in todo)
     out(f"sapo-sweep: {len(runs)} runs, {progress.done} finished already, {len(todo)} to run"
         + (f" ({resumed} resume from a checkpoint)" if resumed else "") + f", {jobs} at a time")
+    checked = set()
+    for r in todo:  # a setting that cannot work stops the sweep before any run starts
+        # once per distinct value of what run_configs reads: a backend's fallback warning comes once
+        key = OmegaConf.to_yaml(OmegaConf.masked_copy(r.cfg, list(RUN_CONFIG_KEYS)), resolve=True)
+        if key not in checked:
+            try:
+                run_configs(r.cfg)
+            except ValueError as e:
+                raise SystemExit(f"sapo-sweep: {r.label}: {e}") from None
+            checked.add(key)
     prepared = set()
     for r in todo:  # shared caches, built once here rather than raced for by the workers
         key = (r.cfg.data.root, r.cfg.retriever.get("corpus_path"), r.cfg.model.kind == "micro")

@@ -38,7 +38,7 @@ from sapo_bench.module import SearchAgentRLModule, TrainConfig
 from sapo_bench.retrieval import build_retriever
 from sapo_bench.rollout import RolloutConfig
 from sapo_bench.runtime import (CONF_DIR, RetryingRetriever, config_hash, finished_result, git_commit,
-                                load_policy_for, machine, prepare_data, set_threads)
+                                load_policy_for, machine, prepare_data, run_configs, set_threads)
 
 log = logging.getLogger("sapo_bench")
 
@@ -139,12 +139,13 @@ def train(cfg: DictConfig) -> dict:
     report to show; the next successful attempt removes it.
     """
     run_dir = Path(cfg.run_dir)
+    configs = run_configs(cfg)  # a setting that cannot work stops here, before the run folder is made
     done = finished_result(run_dir, config_hash(cfg))
     if done is not None:
         log.info("%s is finished; skipping (delete result.json to run it again)", run_dir)
         return done
     try:
-        result = _train(cfg, run_dir)
+        result = _train(cfg, run_dir, *configs)
     except SIGTERMException:
         # Lightning stops after the current step and raises SystemExit(None), which exits 0; a
         # run that did not finish must not look like one that did.
@@ -159,13 +160,10 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, algo: Algo, rcfg: RolloutConfig, tcfg: TrainConfig) -> dict:
     result_path = run_dir / "result.json"
     start = time.time()
     set_threads(cfg)
-    algo = Algo.from_config(OmegaConf.to_container(cfg.algo, resolve=True))
-    rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=bool(cfg.model.chat_template))
-    tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
     run_dir.mkdir(parents=True, exist_ok=True)
     # Before the expensive set-up: a run that cannot resume says so at once.
     last = resume_checkpoint(run_dir / "checkpoints", move_bad=rank_zero_only.rank == 0)
