@@ -76,6 +76,10 @@ def machine() -> str:
 def config_hash(cfg: DictConfig) -> str:
     """Identity of what was run: the resolved config without where it was written or how fast."""
     c = OmegaConf.to_container(cfg, resolve=True)
+    # Where metrics go is not identity either (`logger=wandb` is the same run), but instead of
+    # leaving it out, every run hashes the one logger all runs had before it could be chosen:
+    # runs made then keep their hash, and so their results.
+    c["logger"] = {"_target_": "sapo_bench.train.JsonlLogger", "run_dir": c["run_dir"]}
     for k in NOT_IDENTITY:
         c.pop(k, None)
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -5,7 +5,8 @@
 
 A run lives in its own folder (`run_dir`, named by model, algo and seed, so that starting the same
 run again finds it): metrics.jsonl (one line per training step and per validation), checkpoints/,
-config.yaml, and result.json once it has finished. Started again, a finished run is skipped and an
+config.yaml, and result.json once it has finished; beside them, the files of the loggers that
+`logger=` adds (sapo_bench/loggers.py). Started again, a finished run is skipped and an
 interrupted one resumes from checkpoints/last.ckpt (or, if that one is damaged, from the previous
 one: sapo_bench/checkpoints.py).
 """
@@ -13,6 +14,7 @@ one: sapo_bench/checkpoints.py).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import signal
@@ -25,7 +27,6 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -33,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 from sapo_bench.algos import Algo
 from sapo_bench.checkpoints import publish, resume_checkpoint
 from sapo_bench.data import load_eval, load_train_and_validation
-from sapo_bench.io import append_line, atomic_write_json, atomic_write_text
+from sapo_bench.io import atomic_write_json, atomic_write_text
+from sapo_bench.loggers import open_loggers, truncate
 from sapo_bench.module import SearchAgentRLModule, TrainConfig
 from sapo_bench.retrieval import build_retriever
 from sapo_bench.rollout import RolloutConfig
@@ -41,49 +43,6 @@ from sapo_bench.runtime import (CONF_DIR, RetryingRetriever, config_hash, finish
                                 load_policy_for, machine, prepare_data, run_configs, set_threads)
 
 log = logging.getLogger("sapo_bench")
-
-
-class JsonlLogger(Logger):
-    """metrics.jsonl: one JSON object per logging call, appended as it happens, whole or not at all."""
-
-    def __init__(self, run_dir: str):
-        super().__init__()
-        self.path = Path(run_dir) / "metrics.jsonl"
-
-    @property
-    def name(self):
-        return "jsonl"
-
-    @property
-    def version(self):
-        return 0
-
-    @rank_zero_only
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass  # train() writes the resolved config.yaml itself
-
-    @rank_zero_only
-    def log_metrics(self, metrics, step=None):
-        append_line(self.path, json.dumps({"optimizer_step": step, **{k: float(v) for k, v in metrics.items()}}))
-
-    @rank_zero_only
-    def truncate(self, last_step: int) -> None:
-        """Forget lines past `last_step` (a resumed run replays those steps)."""
-        if self.path.exists():
-            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            keep = []
-            for i, line in enumerate(lines):
-                try:
-                    step = json.loads(line).get("train/step", 0)
-                except json.JSONDecodeError:
-                    if i < len(lines) - 1:
-                        raise
-                    # append_line never leaves half a line; a machine crash mid-write still can.
-                    log.warning("%s: dropping its incomplete last line", self.path)
-                    continue
-                if step <= last_step:
-                    keep.append(line)
-            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
 
 class SafeCheckpoint(ModelCheckpoint):
@@ -168,31 +127,30 @@ def _train(cfg: DictConfig, run_dir: Path, algo: Algo, rcfg: RolloutConfig, tcfg
     # Before the expensive set-up: a run that cannot resume says so at once.
     last = resume_checkpoint(run_dir / "checkpoints", move_bad=rank_zero_only.rank == 0)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    prepare_data(cfg)
-    retriever = RetryingRetriever(build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True)))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model, tokenizer, warm = load_policy_for(cfg, retriever, rcfg)
-    torch.manual_seed(cfg.seed)  # the value head (PPO) is the only fresh weight: seed it per run
-    ref = copy.deepcopy(model).eval()
-    train_set, val_sets = load_train_and_validation(cfg.data.source, tuple(cfg.data.train), n_val=cfg.data.n_val)
-    test_sets = load_eval(cfg.data.source, limit=cfg.data.test_limit)
-    module = SearchAgentRLModule(model, tokenizer, ref, retriever, algo, train_set, val_sets, test_sets, rcfg, tcfg,
-                                 seed=cfg.seed, eval_batch_size=cfg.eval.batch_size)
-    logger = hydra.utils.instantiate(cfg.logger)
-    checkpoints = SafeCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                 every_n_train_steps=cfg.checkpoint_every * module.opt_steps_per_rollout)
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), max_epochs=-1, logger=logger,
-                        callbacks=[checkpoints], enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, val_check_interval=cfg.eval.val_every, check_val_every_n_epoch=None,
-                        log_every_n_steps=1,
-                        default_root_dir=str(run_dir))
-    if last is not None:
-        log.info("resuming %s from %s", run_dir, last)
-    else:  # a fresh start (or a retry of a run that failed before its first checkpoint) logs afresh
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    module.resume_hook = getattr(logger, "truncate", None)
-    trainer.fit(module, ckpt_path=str(last) if last is not None else None)
-    trainer.test(module, verbose=False)
+    with open_loggers(cfg) as loggers:
+        prepare_data(cfg)
+        retriever = RetryingRetriever(build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True)))
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        model, tokenizer, warm = load_policy_for(cfg, retriever, rcfg)
+        torch.manual_seed(cfg.seed)  # the value head (PPO) is the only fresh weight: seed it per run
+        ref = copy.deepcopy(model).eval()
+        train_set, val_sets = load_train_and_validation(cfg.data.source, tuple(cfg.data.train), n_val=cfg.data.n_val)
+        test_sets = load_eval(cfg.data.source, limit=cfg.data.test_limit)
+        module = SearchAgentRLModule(model, tokenizer, ref, retriever, algo, train_set, val_sets, test_sets, rcfg, tcfg,
+                                     seed=cfg.seed, eval_batch_size=cfg.eval.batch_size)
+        checkpoints = SafeCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                     every_n_train_steps=cfg.checkpoint_every * module.opt_steps_per_rollout)
+        trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), max_epochs=-1, logger=loggers,
+                            callbacks=[checkpoints], enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, val_check_interval=cfg.eval.val_every,
+                            check_val_every_n_epoch=None, log_every_n_steps=1, default_root_dir=str(run_dir))
+        if last is not None:
+            log.info("resuming %s from %s", run_dir, last)
+        else:  # a fresh start (or a retry of a run that failed before its first checkpoint) logs afresh
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        module.resume_hook = functools.partial(truncate, loggers)
+        trainer.fit(module, ckpt_path=str(last) if last is not None else None)
+        trainer.test(module, verbose=False)
     test = module.test_results
     summary = module.run_summary()
     em = {d: r["em"] for d, r in test.items()}
