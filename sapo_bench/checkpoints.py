@@ -17,6 +17,8 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from sapo_bench.io import fsync_dir, fsync_tree
+
 log = logging.getLogger("sapo_bench")
 
 LAST = "last.ckpt"
@@ -26,21 +28,6 @@ RESUMABLE = (LAST, PREVIOUS)  # in the order resume tries them
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a run can be resumed from."""
-
-
-def _fsync(path: Path) -> None:
-    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for p in paths:
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -55,14 +42,14 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     `last.prev.ckpt` beside it. Each step is a rename, so a crash between them leaves the old or
     the new file under each name, never a partial one."""
     tmp, path = Path(tmp), Path(path)
-    _fsync(tmp)  # the data is on disk before any name points at it
+    fsync_tree(tmp)  # the data is on disk before any name points at it
     if path.exists():
         prev = path.with_name(PREVIOUS)
         if prev.is_dir():  # sharded checkpoints (DeepSpeed) are folders; a rename cannot replace one
             _remove(prev)
         os.replace(path, prev)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sapo_bench.data import DATASETS, load_eval
+from sapo_bench.export import check_checkpoint, load_policy_weights, run_config
 from sapo_bench.io import atomic_write_json
 from sapo_bench.rewards import exact_match, f1_score
 from sapo_bench.rollout import RolloutConfig, make_engine, rollout
@@ -67,14 +68,13 @@ def _policy(cfg: DictConfig, retriever, rcfg: RolloutConfig):
 
         return load_pretrained(str(ckpt))
     if ckpt:
-        run_cfg = Path(ckpt).parent.parent / "config.yaml"
-        if run_cfg.exists():  # evaluate the run's own model, whatever model= says
-            cfg = OmegaConf.merge(cfg, {"model": OmegaConf.load(run_cfg).model})
+        run_cfg = run_config(ckpt)
+        if run_cfg is not None:  # evaluate the run's own model, whatever model= says
+            cfg = OmegaConf.merge(cfg, {"model": run_cfg.model})
     prepare_data(cfg)
     model, tok, _ = load_policy_for(cfg, retriever, rcfg)
     if ckpt:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-        model.load_state_dict({k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")})
+        load_policy_weights(model, ckpt)
     return model, tok
 
 
@@ -82,6 +82,8 @@ def run_eval(cfg: DictConfig) -> dict:
     from sapo_bench.retrieval import build_retriever
 
     start = time.time()
+    if cfg.get("checkpoint") and not Path(cfg.checkpoint).is_dir():
+        check_checkpoint(cfg.checkpoint)  # before the retriever and the policy are built
     set_threads(cfg)
     rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=bool(cfg.model.chat_template))
     retriever = RetryingRetriever(build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True)))

@@ -1,4 +1,4 @@
-"""Atomic writes: a result file is either the old complete one or the new complete one, never half."""
+"""Atomic writes: a result file (or folder) is either the old complete one or the new complete one, never half."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -64,3 +65,46 @@ def file_lock(path: str | os.PathLike):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush a file, or every file under a folder, to disk."""
+    path = Path(path)
+    for p in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (the renames into it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, *, replace: bool = False):
+    """Yield a new temporary folder beside `path` to fill; when the block ends without an error,
+    it is flushed to disk and renamed to `path`, so that `path` is never a half-written folder.
+    An existing `path` is an error unless `replace`: then it is moved aside first and removed
+    after (a crash between the two renames leaves it in `.<name>.old-*/` beside `path`)."""
+    path = Path(path)
+    if path.exists() and not replace:
+        raise FileExistsError(f"{path} exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -86,3 +86,27 @@ def test_append_line_is_all_or_nothing(tmp_path, monkeypatch):
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"train/step": 1}, {"train/step": 2}]
     with pytest.raises(ValueError, match="one line"):
         append_line(path, "a\nb")
+
+
+def test_a_folder_appears_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "export"
+    with pytest.raises(RuntimeError):
+        with io.atomic_folder(out) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise RuntimeError("killed while writing the weights")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary
+    with io.atomic_folder(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+        assert not out.exists()  # not before the block has filled it
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+    with pytest.raises(FileExistsError, match="export exists"):
+        with io.atomic_folder(out):
+            pass
+    with pytest.raises(RuntimeError):
+        with io.atomic_folder(out, replace=True) as tmp:
+            raise RuntimeError("killed")
+    assert [p.name for p in out.iterdir()] == ["config.json"]  # the old one, untouched
+    with io.atomic_folder(out, replace=True) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # the old one is gone, nothing left beside
