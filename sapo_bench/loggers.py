@@ -89,6 +89,9 @@ def wandb_logger(save_dir: str, mode: str = "offline", project: str | None = Non
     return WandbLogger(save_dir=save_dir, project=project or "sapo-bench", mode=mode, **kwargs)
 
 
+AVERAGE = re.compile(r"^((?:val|test)/em)$")  # the names that are also their per-dataset names' folder
+
+
 class FileStoreMLFlowLogger(MLFlowLogger):
     """MLFlowLogger on MLflow's file store, which keeps each metric in a file whose path is its name:
     the dataset average `val/em` cannot be a file where `val/em/nq` needs a folder, so there (only
@@ -97,9 +100,6 @@ class FileStoreMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def log_metrics(self, metrics, step=None):
         super().log_metrics({AVERAGE.sub(r"\1/avg", k): v for k, v in metrics.items()}, step)
-
-
-AVERAGE = re.compile(r"^((?:val|test)/em)$")  # the names that are also their per-dataset names' folder
 
 
 def mlflow_logger(save_dir: str, tracking_uri: str | None = None, **kwargs) -> MLFlowLogger:

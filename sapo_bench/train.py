@@ -104,7 +104,8 @@ def train(cfg: DictConfig) -> dict:
         log.info("%s is finished; skipping (delete result.json to run it again)", run_dir)
         return done
     try:
-        result = _train(cfg, run_dir, *configs)
+        with open_loggers(cfg) as loggers:  # started first: a missing package or a bad setting fails at once
+            result = _train(cfg, run_dir, loggers, *configs)
     except SIGTERMException:
         # Lightning stops after the current step and raises SystemExit(None), which exits 0; a
         # run that did not finish must not look like one that did.
@@ -119,7 +120,8 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
-def _train(cfg: DictConfig, run_dir: Path, algo: Algo, rcfg: RolloutConfig, tcfg: TrainConfig) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, loggers: list, algo: Algo, rcfg: RolloutConfig,
+           tcfg: TrainConfig) -> dict:
     result_path = run_dir / "result.json"
     start = time.time()
     set_threads(cfg)
@@ -127,30 +129,30 @@ def _train(cfg: DictConfig, run_dir: Path, algo: Algo, rcfg: RolloutConfig, tcfg
     # Before the expensive set-up: a run that cannot resume says so at once.
     last = resume_checkpoint(run_dir / "checkpoints", move_bad=rank_zero_only.rank == 0)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    with open_loggers(cfg) as loggers:
-        prepare_data(cfg)
-        retriever = RetryingRetriever(build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True)))
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        model, tokenizer, warm = load_policy_for(cfg, retriever, rcfg)
-        torch.manual_seed(cfg.seed)  # the value head (PPO) is the only fresh weight: seed it per run
-        ref = copy.deepcopy(model).eval()
-        train_set, val_sets = load_train_and_validation(cfg.data.source, tuple(cfg.data.train), n_val=cfg.data.n_val)
-        test_sets = load_eval(cfg.data.source, limit=cfg.data.test_limit)
-        module = SearchAgentRLModule(model, tokenizer, ref, retriever, algo, train_set, val_sets, test_sets, rcfg, tcfg,
-                                     seed=cfg.seed, eval_batch_size=cfg.eval.batch_size)
-        checkpoints = SafeCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                     every_n_train_steps=cfg.checkpoint_every * module.opt_steps_per_rollout)
-        trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), max_epochs=-1, logger=loggers,
-                            callbacks=[checkpoints], enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0, val_check_interval=cfg.eval.val_every,
-                            check_val_every_n_epoch=None, log_every_n_steps=1, default_root_dir=str(run_dir))
-        if last is not None:
-            log.info("resuming %s from %s", run_dir, last)
-        else:  # a fresh start (or a retry of a run that failed before its first checkpoint) logs afresh
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        module.resume_hook = functools.partial(truncate, loggers)
-        trainer.fit(module, ckpt_path=str(last) if last is not None else None)
-        trainer.test(module, verbose=False)
+    prepare_data(cfg)
+    retriever = RetryingRetriever(build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True)))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model, tokenizer, warm = load_policy_for(cfg, retriever, rcfg)
+    torch.manual_seed(cfg.seed)  # the value head (PPO) is the only fresh weight: seed it per run
+    ref = copy.deepcopy(model).eval()
+    train_set, val_sets = load_train_and_validation(cfg.data.source, tuple(cfg.data.train), n_val=cfg.data.n_val)
+    test_sets = load_eval(cfg.data.source, limit=cfg.data.test_limit)
+    module = SearchAgentRLModule(model, tokenizer, ref, retriever, algo, train_set, val_sets, test_sets, rcfg, tcfg,
+                                 seed=cfg.seed, eval_batch_size=cfg.eval.batch_size)
+    checkpoints = SafeCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                 every_n_train_steps=cfg.checkpoint_every * module.opt_steps_per_rollout)
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), max_epochs=-1, logger=loggers,
+                        callbacks=[checkpoints], enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, val_check_interval=cfg.eval.val_every, check_val_every_n_epoch=None,
+                        log_every_n_steps=1,
+                        default_root_dir=str(run_dir))
+    if last is not None:
+        log.info("resuming %s from %s", run_dir, last)
+    else:  # a fresh start (or a retry of a run that failed before its first checkpoint) logs afresh
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    module.resume_hook = functools.partial(truncate, loggers)
+    trainer.fit(module, ckpt_path=str(last) if last is not None else None)
+    trainer.test(module, verbose=False)
     test = module.test_results
     summary = module.run_summary()
     em = {d: r["em"] for d, r in test.items()}
