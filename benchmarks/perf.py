@@ -351,7 +351,8 @@ def case_update(args) -> dict:
     from sapo_bench.losses import policy_loss
     from sapo_bench.module import SearchAgentRLModule, TrainConfig
 
-    overrides = [f"train.prompts_per_step={args.prompts}", f"train.group_size={args.group}"]
+    overrides = [f"train.prompts_per_step={args.prompts}", f"train.group_size={args.group}",
+                 f"train.mini_batch_size={args.mini_batch}", f"train.micro_batch_size={args.mini_batch}"]
     cfg, retriever, rcfg = setup(args, overrides)
     model, tok = warm_policy(args, cfg, retriever, rcfg)
     model.train()
