@@ -79,8 +79,8 @@ class TrainConfig:
                                f"{self.group_size} = {batch}: lower it, or roll out more")
         if self.mini_batch_size % self.micro_batch_size:
             raise SettingError(f"train.micro_batch_size ({self.micro_batch_size}) must divide "
-                               f"train.mini_batch_size ({self.mini_batch_size}): a mini-batch's gradient is "
-                               "accumulated over whole micro-batches")
+                               f"train.mini_batch_size ({self.mini_batch_size}), so that every forward of a "
+                               "mini-batch has the same size")
         check_number("train.lr", self.lr, minimum=0)
         check_number("train.weight_decay", self.weight_decay, minimum=0)
         check_number("train.warmup_ratio", self.warmup_ratio, minimum=0, maximum=1)

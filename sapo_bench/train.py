@@ -98,7 +98,7 @@ def train(cfg: DictConfig) -> dict:
     report to show; the next successful attempt removes it.
     """
     run_dir = Path(cfg.run_dir)
-    configs = run_configs(cfg)  # a setting that cannot work stops here, before the run folder is made
+    configs = run_configs(cfg)  # a setting that cannot work stops here, before the run writes anything
     done = finished_result(run_dir, config_hash(cfg))
     if done is not None:
         log.info("%s is finished; skipping (delete result.json to run it again)", run_dir)

@@ -94,7 +94,7 @@ def test_a_run_checks_its_configs_together(override, says):
         run_configs(composed(override, *extra))
 
 
-def test_sapo_train_stops_before_it_makes_the_run_folder(tmp_path):
+def test_sapo_train_stops_before_it_writes_anything(tmp_path):
     cfg = composed(f"out_root={tmp_path}/runs", f"data.root={tmp_path}/world", "train.group_size=0")
     with pytest.raises(SettingError, match="train.group_size must be at least 1, got 0"):
         train(cfg)
