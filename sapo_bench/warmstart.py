@@ -65,12 +65,15 @@ class WarmStartConfig:
     # Weight of the answer span's tokens in the policy loss (a weighted mean). The student's typical
     # error is an answer of the right kind copied from the wrong place ("1948" for "born ... in
     # 1911"): the two or three answer tokens carry the skill that the other ~12 policy tokens do not.
-    # With bf16 and 2.5 epochs, measured on world seed 2 (never tuned on), qwen2-micro-1m:
-    # avg test EM 0.16 (weight 1, 2 epochs) -> 0.34.
+    # With 2.5 epochs (and bf16, since turned off), measured on world seed 2 (never tuned on),
+    # qwen2-micro-1m: avg test EM 0.16 (weight 1, 2 epochs) -> 0.34.
     answer_weight: float = 4.0
-    # bfloat16 autocast for the forward pass: 1.13-1.18x faster per step on this CPU (paired,
-    # under load), spent on the half epoch more.
-    bf16: bool = True
+    # bfloat16 autocast for the forward pass. Off: on this CPU it is no faster per step (paired
+    # over 26 batches: 0.96-1.04x) and slower over a whole warm start (qwen2-micro-1.3m, two started
+    # together: fp32 done in 1,054 s, bf16 past 1,600 s of CPU), and the four-layer 1.3m sizes
+    # learn worse with it (world seed 0, qwen2-micro-1.3m: avg test EM 0.213 in bf16, 0.314 in fp32).
+    # It may pay on a GPU.
+    bf16: bool = False
 
 
 # No <think> text: the micro template does not ask for it and the reward ignores it. Measured on
