@@ -99,7 +99,14 @@ def test_plain_transformers_loads_the_export(trained, tmp_path):
     load_policy_weights(policy, ckpt)
     ids = tok("Question: who founded the city?", return_tensors="pt").input_ids
     with torch.no_grad():
-        assert torch.equal(torch.tensor(json.loads(logits)), policy.eval()(ids).logits[0, -1])
+        # Equal weights, but not bit-equal logits: the child process runs torch's default thread
+        # count, and another split of the matmuls sums in another order (CI saw it; 1e-7 apart).
+        torch.testing.assert_close(torch.tensor(json.loads(logits)), policy.eval()(ids).logits[0, -1],
+                                   rtol=0, atol=1e-5)
+    from safetensors.torch import load_file
+
+    exported = load_file(out / "model.safetensors")
+    assert exported and all(torch.equal(v, policy.state_dict()[k]) for k, v in exported.items())
 
 
 def test_the_console_script_refuses_to_overwrite_unless_forced(trained, capsys):
