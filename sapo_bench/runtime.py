@@ -108,7 +108,7 @@ def prepare(cfg: DictConfig) -> None:
         micro_tokenizer(cfg.data.root)
 
 
-RUN_CONFIG_KEYS = ("algo", "rollout", "model", "train", "checkpoint_every", "eval")  # what run_configs reads
+RUN_CONFIG_KEYS = ("algo", "rollout", "model", "train", "warmstart", "data", "checkpoint_every", "eval")  # what run_configs reads
 
 
 def run_configs(cfg: DictConfig) -> tuple[Algo, RolloutConfig, "TrainConfig"]:
@@ -120,6 +120,10 @@ def run_configs(cfg: DictConfig) -> tuple[Algo, RolloutConfig, "TrainConfig"]:
     rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=bool(cfg.model.chat_template))
     tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
     check_run(tcfg, algo, rcfg)
+    if cfg.model.kind == "micro":
+        from sapo_bench.warmstart import WarmStartConfig
+
+        WarmStartConfig(**cfg.warmstart)
     check_int("checkpoint_every", cfg.checkpoint_every)
     check_int("eval.val_every", cfg.eval.val_every)
     check_int("eval.batch_size", cfg.eval.batch_size)

@@ -12,7 +12,8 @@ grid that `sapo-train -m experiment=<name>` hands to Hydra's sweeper (and its SL
    last checkpoint) and refuses to touch a folder that holds another configuration's result;
 2. builds what the runs share (world, tokenizer, index) once, then starts `--jobs` runs at a time,
    each in its own process (`python -m sapo_bench.train`, log in <run_dir>/train.log), ordered
-   round-robin over models so that parallel workers build different warm starts;
+   round-robin over models so that parallel workers build different warm starts; a run whose
+   warm start another worker is building waits in the queue, not in a slot (`next_run`);
 3. keeps going when a run fails (its error.json names the error, the report flags it) and prints
    runs done / total with an estimate of the time left; exits 1 if any run failed;
 4. on SIGTERM or SIGINT stops its workers (SIGTERM, then SIGKILL after STOP_GRACE_S) before it
@@ -142,6 +143,25 @@ def interleave(runs: list[Run]) -> list[Run]:
     return out
 
 
+def warm_start_key(run: Run) -> tuple | None:
+    """What runs share a warm start by (runtime.load_policy_for's lock); None for a hub model."""
+    return (run.cfg.data.root, run.cfg.model.name) if run.cfg.model.kind == "micro" else None
+
+
+def next_run(queue: list[Run], running: list[Run], warmed: set) -> Run | None:
+    """Pop the first queued run that can start working now, or None.
+
+    A run whose warm start another worker is still building would only wait on that worker's lock
+    and hold its slot meanwhile: it is passed over (until a run of its model finishes) for one that
+    can work, and the slot stays free when there is none.
+    """
+    building = {k for k in map(warm_start_key, running) if k is not None and k not in warmed}
+    for i, run in enumerate(queue):
+        if warm_start_key(run) not in building:
+            return queue.pop(i)
+    return None
+
+
 def uses_gpu(cfg: DictConfig) -> bool:
     import torch
 
@@ -263,15 +283,17 @@ def sweep(runs: list[Run], jobs: int, out=print) -> dict[str, list[Run]]:
             prepared.add(key)
     gpu = bool(todo) and uses_gpu(todo[0].cfg)
     failed: list[Run] = []
+    warmed: set = set()  # warm starts that a finished run has built (or found)
     running: dict[int, tuple[Run, subprocess.Popen, float]] = {}
     queue = list(todo)
     with _StopSignals() as stop:
         try:
             while (queue or running) and not stop.signum:
                 for slot in range(jobs):
-                    if slot not in running and queue and not stop.signum:
-                        run = queue.pop(0)
-                        running[slot] = (run, launch(run, slot, gpu), time.time())
+                    if slot not in running and not stop.signum:
+                        run = next_run(queue, [r for r, _, _ in running.values()], warmed)
+                        if run is not None:
+                            running[slot] = (run, launch(run, slot, gpu), time.time())
                 time.sleep(0.2)
                 for slot, (run, proc, t0) in list(running.items()):
                     if proc.poll() is None or stop.signum:
@@ -281,6 +303,7 @@ def sweep(runs: list[Run], jobs: int, out=print) -> dict[str, list[Run]]:
                     progress.durations.append(took)
                     if proc.returncode == 0 and run.state() == "done":
                         progress.done += 1
+                        warmed.add(warm_start_key(run))
                         verdict = f"finished {run.label} in {_fmt_s(took)}"
                     else:
                         progress.failed += 1

@@ -38,6 +38,7 @@ from sapo_bench.baselines import corpus_titles, evaluate_baselines
 from sapo_bench.evaluate import evaluate_policy
 from sapo_bench.rewards import exact_match
 from sapo_bench.rollout import RolloutConfig, ScriptedEngine, rollout
+from sapo_bench.settings import SettingError, check_int, check_number
 from sapo_bench.tensors import masked_mean
 
 # 2: no <think> text in teacher turns (see _search). 3: baseline rows; validation never taught.
@@ -55,7 +56,7 @@ class WarmStartConfig:
     p_no_search: float = 0.0
     p_wrong_entity: float = 0.0
     p_stop_early: float = 0.0
-    eval_limit: int = 100  # test questions per dataset for the reported warm-start EM
+    eval_limit: int | None = 100  # test questions per dataset for the reported warm-start EM (None: all)
     n_val: int = 50        # the runs' validation questions per train dataset: never taught (no leak)
     # Weight of a language-model loss on the inserted passages. Passages repeat their titles
     # ("Doc 1(Title: Ann Lee) Ann B. Lee is ...") and name what questions ask for, so predicting
@@ -68,12 +69,39 @@ class WarmStartConfig:
     # With 2.5 epochs (and bf16, since turned off), measured on world seed 2 (never tuned on),
     # qwen2-micro-1m: avg test EM 0.16 (weight 1, 2 epochs) -> 0.34.
     answer_weight: float = 4.0
+    # The passage loss leaves out, as targets, the `aux_skip_top` most frequent tokens of the
+    # teacher's trajectories: template words ("was", "born", "Doc", "(Title"; the top 30 are 56% of
+    # the passage tokens), learnt in the first epoch, after which they cost the vocabulary
+    # projection and dilute the mean without teaching anything. What is left is names, numbers and
+    # relation words: the copying. Measured on world seed 2, two at once: qwen2-micro-1m avg test
+    # EM 0.243 -> 0.416, llama-micro-1m 0.391 -> 0.366, each warm start 546-574 s instead of
+    # 700-1,300. Only names copied from earlier in the sequence (16%) did worse: 0.20 / 0.23.
+    aux_skip_top: int = 30
     # bfloat16 autocast for the forward pass. Off: on this CPU it is no faster per step (paired
     # over 26 batches: 0.96-1.04x) and slower over a whole warm start (qwen2-micro-1.3m, two started
     # together: fp32 done in 1,054 s, bf16 past 1,600 s of CPU), and the four-layer 1.3m sizes
     # learn worse with it (world seed 0, qwen2-micro-1.3m: avg test EM 0.213 in bf16, 0.314 in fp32).
     # It may pay on a GPU.
     bf16: bool = False
+
+    def __post_init__(self):
+        if self.questions is not None:
+            check_int("warmstart.questions", self.questions)
+        check_number("warmstart.epochs", self.epochs, positive=True)
+        check_number("warmstart.lr", self.lr, positive=True)
+        check_int("warmstart.warmup_steps", self.warmup_steps, minimum=0)
+        check_int("warmstart.batch_size", self.batch_size)
+        for name in ("p_no_search", "p_wrong_entity", "p_stop_early"):
+            check_number(f"warmstart.{name}", getattr(self, name), minimum=0, maximum=1)
+        if self.p_no_search + self.p_wrong_entity > 1:
+            raise SettingError("warmstart.p_no_search + warmstart.p_wrong_entity must be at most 1, got "
+                               f"{self.p_no_search + self.p_wrong_entity}")
+        if self.eval_limit is not None:
+            check_int("warmstart.eval_limit", self.eval_limit)
+        check_int("warmstart.n_val", self.n_val, minimum=0)
+        check_number("warmstart.aux_lm", self.aux_lm, minimum=0)
+        check_number("warmstart.answer_weight", self.answer_weight, positive=True)
+        check_int("warmstart.aux_skip_top", self.aux_skip_top, minimum=0)
 
 
 # No <think> text: the micro template does not ask for it and the reward ignores it. Measured on
@@ -127,6 +155,12 @@ def policy_weights(ids, mask, answer_id: int | None, answer_weight: float):
     return mask * (1 + (answer_weight - 1) * answering)
 
 
+def frequent_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """The k most frequent token ids where attention_mask is set (ties: the lower id)."""
+    counts = torch.bincount(ids[attention_mask.bool()], minlength=int(ids.max()) + 1)
+    return counts.argsort(descending=True, stable=True)[:k]
+
+
 def sft(model, batch, cfg: WarmStartConfig, seed: int, answer_id: int | None = None) -> list[float]:
     """Cross-entropy on the generated (loss-mask) tokens, plus cfg.aux_lm times a language-model loss
     on the inserted passages, for cfg.epochs passes (a fraction runs part of the last); returns the
@@ -149,6 +183,9 @@ def sft(model, batch, cfg: WarmStartConfig, seed: int, answer_id: int | None = N
     for i, p in enumerate(batch.prompt_lens):
         passages[i, p:] = 1.0
     passages = passages * batch.attention_mask * (1 - batch.loss_mask)
+    if cfg.aux_skip_top:
+        passages = passages * ~torch.isin(batch.input_ids, frequent_tokens(batch.input_ids, batch.attention_mask,
+                                                                           cfg.aux_skip_top))
     model.train()
     device_type = next(model.parameters()).device.type
     curve, step = [], 0

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import get_class
 
-from sapo_bench.sweep import EXPERIMENTS, compose_config, expand, grid
+from sapo_bench.sweep import EXPERIMENTS, compose_config, expand, grid, interleave, next_run, warm_start_key
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -83,3 +83,24 @@ def test_command_line_overrides_replace_a_swept_key():
     assert len(grid("micro_main")) == 24
     assert len(grid("micro_main", ["seed=0"])) == 8
     assert {j[-1] for j in grid("micro_main", ["seed=0"])} == {"seed=0"}
+
+
+def test_a_run_never_waits_in_a_slot_for_a_warm_start_another_worker_builds():
+    runs = interleave(expand(["micro_main"]))
+    label = lambda r: r.label if r else None  # noqa: E731
+    queue, warmed = list(runs), set()
+    first = next_run(queue, [], warmed)
+    assert label(first) == "qwen2-micro-1m/grpo/seed0"
+    # qwen2-micro-1m is being built: the next pick is another model's run, not its second run
+    second = next_run(queue, [first], warmed)
+    assert second.cfg.model.name != "qwen2-micro-1m"
+    # every model building: queued runs of those four models wait in the queue, the slot stays free
+    building = [first, second] + [next_run(queue, [first, second], warmed) for _ in range(2)]
+    assert len({r.cfg.model.name for r in building}) == 4
+    assert next_run(queue, building, warmed) is None
+    # once a run of a model has finished its warm start exists: its other runs start beside a builder
+    warmed.add(warm_start_key(first))
+    assert next_run(queue, building[1:], warmed).cfg.model.name == "qwen2-micro-1m"
+    # a hub model has no shared warm start: its runs never wait on each other
+    hub = expand(["paper_main"])
+    assert warm_start_key(hub[0]) is None and next_run(hub[1:2], hub[:1], set()) is hub[1]

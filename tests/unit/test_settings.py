@@ -87,6 +87,10 @@ def test_impossible_rollout_settings_name_themselves(rollout, says):
     ("eval.val_every=0", "eval.val_every must be at least 1, got 0"),
     ("eval.batch_size=0", "eval.batch_size must be at least 1, got 0"),
     ("train.tis=true", r"train.tis=true .*set train.recompute_old_logp=true"),
+    ("warmstart.batch_size=0", "warmstart.batch_size must be at least 1, got 0"),
+    ("warmstart.epochs=0", "warmstart.epochs must be positive, got 0"),
+    ("warmstart.p_stop_early=1.5", "warmstart.p_stop_early must be at most 1, got 1.5"),
+    ("warmstart.aux_skip_top=-1", "warmstart.aux_skip_top must be at least 0, got -1"),
 ])
 def test_a_run_checks_its_configs_together(override, says):
     extra = ["train.recompute_old_logp=false"] if override == "train.tis=true" else []

@@ -36,3 +36,16 @@ def test_policy_weights_scale_the_answer_span_only():
     w = policy_weights(ids, mask, A, 4.0)
     assert w.tolist() == [[0, 1, 1, 0, 4, 4, 4, 0], [0, 0, 0, 4, 4, 4, 0, 0]]
     assert policy_weights(ids, mask, A, 1.0) is mask and policy_weights(ids, mask, None, 4.0) is mask
+
+
+
+def test_frequent_tokens_count_attended_positions_only():
+    import torch
+
+    from sapo_bench.warmstart import frequent_tokens
+
+    ids = torch.tensor([[5, 6, 5, 7, 6, 5, 0, 0], [6, 7, 0, 0, 0, 0, 0, 0]])
+    att = torch.tensor([[1] * 6 + [0, 0], [1, 1] + [0] * 6])
+    # attended: 5 x3, 6 x3, 7 x2; the padding id 0 (x8) does not count; ties go to the lower id
+    assert frequent_tokens(ids, att, 2).tolist() == [5, 6]
+    assert frequent_tokens(ids, att, 3).tolist() == [5, 6, 7]
