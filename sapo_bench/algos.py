@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from sapo_bench.advantages import get_advantage
 from sapo_bench.losses import check_loss_params, value_loss
+from sapo_bench.settings import check_number
 
 
 def _tunable(fn) -> list[str]:
@@ -33,6 +34,9 @@ class Algo:
     advantage_params: dict = field(default_factory=dict)
     value_head: bool = False   # train a value head with the clipped value loss (PPO)
     value_params: dict = field(default_factory=dict)
+    # The row's own entropy coefficient in place of train.entropy_coef (None: that one), for a control
+    # row that differs from its baseline in the entropy bonus alone (grpo_noent).
+    entropy_coef: float | None = None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "Algo":
@@ -50,5 +54,7 @@ class Algo:
         _check(f"advantage {algo.advantage!r}", algo.advantage_params, _tunable(estimator))
         if (algo.advantage == "gae") != algo.value_head:
             raise ValueError(f"algo {algo.name!r}: the gae advantage needs value_head: true, and only gae uses one")
-        _check("value", algo.value_params, [p for p in _tunable(value_loss) if p != "agg"])
+        _check("value", algo.value_params, [p for p in _tunable(value_loss) if p not in ("agg", "scope")])
+        if algo.entropy_coef is not None:
+            check_number("algo.entropy_coef", algo.entropy_coef)
         return algo

@@ -21,6 +21,17 @@ How this differs from a textbook PPO/GRPO trainer:
    (`CollapseDetector`) and recorded; the run goes on so the figure shows it.
 6. The reference policy is the frozen initial policy. It is not saved in checkpoints: the warm
    start it comes from is cached and deterministic.
+7. A mini-batch is split into micro-batches only for memory: every term divides by the
+   mini-batch's counts (losses.py, note 9), so `micro_batch_size` never changes a gradient
+   (`mini_batch_backward`, tests/unit/test_microbatch.py).
+8. On the on-policy first mini-batch the ratio's denominator is the behaviour log-prob from the
+   sampling forward, not the training forward's own detached value, so r = 1 ± float noise there
+   and SAPO's gate r ≤ 1 picks about half its tokens at random. Kept: the authors' code (veRL
+   recomputes old log-probs in a separate forward) has the same coin flip, and r ≡ 1 would make
+   SAPO pull every A ≥ 0 token of that mini-batch, a method neither paper ran. Measured instead:
+   `on/loss/sapo_gated_frac` against `off/...`, and drift is read off-policy only (`off/<name>`).
+9. The policy is in train mode for the update and in eval mode for rollouts and scoring (the
+   same numbers at dropout 0, as in every config here; not for a model with dropout).
 """
 
 from __future__ import annotations
@@ -36,13 +47,17 @@ from torch import nn
 
 from sapo_bench.advantages import get_advantage
 from sapo_bench.algos import Algo
-from sapo_bench.diagnostics import isdd_metrics
+from sapo_bench.diagnostics import SEQ_LEN_REF, isdd_metrics
 from sapo_bench.evaluate import score
-from sapo_bench.losses import entropy_bonus, policy_loss, ref_kl, value_loss
+from sapo_bench.losses import Scope, entropy_bonus, policy_loss, ref_kl, value_loss
 from sapo_bench.rewards import get_metric
 from sapo_bench.rollout import (RolloutBatch, RolloutConfig, engine_exact_logp, make_engine, release_engine, rollout,
                                 sync_engine)
 from sapo_bench.settings import SettingError, check_int, check_number
+
+
+COLLAPSE_DEFAULTS = {"window_frac": 0.1, "start_frac": 0.2, "reward_frac": 0.5, "ratio_p5": 0.2, "seq_frac": 0.1,
+                     "seq_len": SEQ_LEN_REF}
 
 
 @dataclass
@@ -66,7 +81,8 @@ class TrainConfig:
     tis: bool = False             # truncated importance sampling against the engine's numerics
     tis_cap: float = 2.0          # C of min(exp(old − behaviour), C)
     nonfinite_patience: int = 5
-    collapse: dict = field(default_factory=lambda: {"window": 5, "frac": 0.5, "min_steps": 10})
+    # CollapseDetector's settings; its window and first step are fractions of max_steps.
+    collapse: dict = field(default_factory=lambda: dict(COLLAPSE_DEFAULTS))
 
     def __post_init__(self):
         for name in ("prompts_per_step", "group_size", "mini_batch_size", "micro_batch_size", "ppo_epochs",
@@ -90,14 +106,13 @@ class TrainConfig:
         check_number("train.tis_cap", self.tis_cap, positive=True)
         get_metric(self.reward)  # an unknown name fails here, listing the valid ones
         for key, value in self.collapse.items():  # CollapseDetector's arguments
-            if key == "window":
-                check_int("train.collapse.window", value)
-            elif key == "frac":
-                check_number("train.collapse.frac", value, positive=True, maximum=1)
-            elif key == "min_steps":
-                check_int("train.collapse.min_steps", value, minimum=0)
+            name = f"train.collapse.{key}"
+            if key in ("window_frac", "start_frac", "reward_frac", "ratio_p5", "seq_frac"):
+                check_number(name, value, positive=True, maximum=1)
+            elif key == "seq_len":
+                check_int(name, value)
             else:
-                raise SettingError(f"unknown train.collapse key {key!r}; valid: window, frac, min_steps")
+                raise SettingError(f"unknown train.collapse key {key!r}; valid: {', '.join(COLLAPSE_DEFAULTS)}")
 
     def recompute_for(self, backend: str) -> bool:
         """Whether old log-probs are recomputed by the training forward with this rollout backend."""
@@ -121,33 +136,58 @@ def check_run(train_cfg: TrainConfig, algo: Algo, rollout_cfg: RolloutConfig) ->
 
 
 class CollapseDetector:
-    """Records the first step where reward and IS-ratio means both sit far below their running maxima.
+    """Records the first step where the run has collapsed by ratio drift: the reward far below its
+    running maximum while the off-policy importance ratios have drifted (DESIGN §6, the paper's
+    Figure 1), both smoothed over a window of steps.
 
-    Both smoothed over `window` steps; "far below" = under `frac` × the best smoothed value seen,
-    checked only after `min_steps` steps. This is the paper's Figure 1 signature of ISDD.
+    Drift is read on the off-policy mini-batches only (the on-policy first one has r ≈ 1 by
+    construction and would dilute any mean) and in the lower tail, where it shows (a collapsing
+    run's median and token-mean ratio stay ≈ 1): the pooled p5 of r below `ratio_p5`, or at least
+    `seq_frac` of the off-policy sequences drifted by the length-aware companion of the paper's
+    Definition 1 (`isdd/frac_seq_geo_below_eps`, measured at `seq_len` tokens: a response that
+    hits the length limit does not count as drifted for its length alone). The reward has collapsed
+    below `reward_frac` × its best smoothed value. The window and the first step that may fire are
+    fractions of the run (`window_frac`, `start_frac`), so a 15-step run and a 300-step one are
+    judged alike; the best reward is taken over full windows only, and nothing fires before
+    `start`, so the heavy-tailed first steps after a warm start cannot raise an alarm. Drift alone
+    is recorded too (`drift_step`), for runs that drift and do not collapse.
     """
 
-    def __init__(self, window: int = 5, frac: float = 0.5, min_steps: int = 10):
-        self.window, self.frac, self.min_steps = window, frac, min_steps
-        self.history: list[tuple[float, float]] = []
-        self.best = (-math.inf, -math.inf)
+    def __init__(self, max_steps: int, window_frac: float = 0.1, start_frac: float = 0.2, reward_frac: float = 0.5,
+                 ratio_p5: float = 0.2, seq_frac: float = 0.1, seq_len: int = SEQ_LEN_REF):
+        self.window = max(2, math.ceil(window_frac * max_steps))
+        self.start = max(self.window, math.ceil(start_frac * max_steps))
+        self.reward_frac, self.ratio_p5, self.seq_frac, self.seq_len = reward_frac, ratio_p5, seq_frac, seq_len
+        self.history: list[tuple[float, float | None, float | None]] = []
+        self.best = -math.inf
         self.step: int | None = None
+        self.drift_step: int | None = None
 
-    def update(self, step: int, reward: float, ratio: float) -> int | None:
-        self.history = (self.history + [(reward, ratio)])[-self.window:]
-        r = sum(h[0] for h in self.history) / len(self.history)
-        q = sum(h[1] for h in self.history) / len(self.history)
-        self.best = (max(self.best[0], r), max(self.best[1], q))
-        if (self.step is None and step >= self.min_steps and self.best[0] > 0
-                and r < self.frac * self.best[0] and q < self.frac * self.best[1]):
+    def update(self, step: int, reward: float, ratio_p5: float | None, seq_frac: float | None) -> int | None:
+        """One training step's reward and off-policy tail statistics (None: no off-policy mini-batch)."""
+        self.history = (self.history + [(reward, ratio_p5, seq_frac)])[-self.window:]
+        if len(self.history) < self.window:
+            return self.step
+        r = sum(h[0] for h in self.history) / self.window
+        self.best = max(self.best, r)
+        p5 = [h[1] for h in self.history if h[1] is not None and not math.isnan(h[1])]
+        seq = [h[2] for h in self.history if h[2] is not None and not math.isnan(h[2])]
+        drifted = len(p5) == self.window and (sum(p5) / self.window < self.ratio_p5
+                                              or sum(seq) / len(seq) >= self.seq_frac)
+        if step < self.start or not drifted:
+            return self.step
+        if self.drift_step is None:
+            self.drift_step = step
+        if self.step is None and self.best > 0 and r < self.reward_frac * self.best:
             self.step = step
         return self.step
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "best": self.best, "step": self.step}
+        return {"history": self.history, "best": self.best, "step": self.step, "drift_step": self.drift_step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history, self.best, self.step = [tuple(h) for h in state["history"]], tuple(state["best"]), state["step"]
+        self.history = [tuple(h) for h in state["history"]]
+        self.best, self.step, self.drift_step = state["best"], state["step"], state["drift_step"]
 
 
 def tis_weights(old_logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor, cap: float):
@@ -185,8 +225,89 @@ def token_logp(model, ids, attention_mask, temperature: float = 1.0, *, mask=Non
 
     lp = place(logp_all.gather(-1, ids[:, 1:][sel][:, None])[:, 0])
     ent = place(-(logp_all.exp() * logp_all).sum(-1)) if entropy else None
-    val = place(value_head(hs.float())[:, 0]) if value_head is not None else None
+    # in the head's own dtype (fp32 beside a bf16 policy)
+    val = place(value_head(hs.to(value_head.weight.dtype))[:, 0]) if value_head is not None else None
     return lp, ent, val
+
+
+def mini_batch_backward(policy, batch: dict, idx: list[int], *, micro: int, algo: Algo, cfg: TrainConfig,
+                        temperature: float, gen_budget: int | None, value_head=None, backward=torch.Tensor.backward):
+    """Forward and backward over one optimiser mini-batch (rows `idx` of `batch`), `micro` rows at a
+    time, the gradients accumulating: policy loss, reference KL, entropy bonus (and value loss).
+
+    Every term divides by the mini-batch's counts (losses.py, note 9), so the accumulated gradient
+    and the summed metrics are the mini-batch's whatever `micro` is. Returns (the rows' log-probs,
+    detached, (len(idx), L); the mini-batch's loss metrics), or None at the first non-finite
+    forward or loss: the caller skips the step.
+    """
+    ids, att, mask, adv = batch["ids"], batch["att"], batch["mask"], batch["adv"]
+    rows = torch.tensor(idx, device=ids.device)
+    scope = Scope.of(mask[rows], adv[rows], gen_budget)
+    logp_rows = torch.zeros(len(idx), ids.shape[1], dtype=batch["old_logp"].dtype, device=ids.device)
+    metrics: dict[str, float] = {}
+    for m in range(0, len(idx), micro):
+        sel = rows[m:m + micro]
+        width = int(att[sel].sum(-1).max())  # right-padded: trim to the longest row
+        a, i, k = att[sel, :width], ids[sel, :width], mask[sel, :width]
+        logp, ent, values = token_logp(policy, i, a, temperature, mask=k, entropy=True, value_head=value_head)
+        if not (torch.isfinite(logp).all() and torch.isfinite(ent).all()):
+            return None  # a diverged policy: skip this step rather than crash on it
+        a_sel = adv[sel] if adv.dim() == 1 else adv[sel, :width]
+        out = policy_loss(algo.loss, logp=logp, old_logp=batch["old_logp"][sel, :width], advantages=a_sel, mask=k,
+                          scope=scope, **algo.loss_params)
+        kl = ref_kl(logp, batch["ref_logp"][sel, :width], k, beta=cfg.ref_kl_beta, scope=scope.mask)
+        coef = cfg.entropy_coef if algo.entropy_coef is None else algo.entropy_coef
+        eb = entropy_bonus(ent, k, coef=coef, scope=scope.mask)
+        loss = out.loss + kl.loss + eb.loss
+        parts = [out.metrics, kl.metrics, eb.metrics]
+        if value_head is not None:
+            vl = value_loss(values, batch["old_values"][sel, :width], batch["returns"][sel, :width], k,
+                            scope=scope.mask, **algo.value_params)
+            loss = loss + vl.loss
+            parts.append(vl.metrics)
+        if not torch.isfinite(loss):
+            return None
+        backward(loss)
+        logp_rows[m:m + len(sel), :width] = logp.detach()
+        for part in parts:
+            for key, v in part.items():
+                metrics[key] = metrics.get(key, 0.0) + v
+    return logp_rows, metrics
+
+
+MIN_KEYS = ("is_ratio/min", "isdd/seq_log_ratio_min")  # over mini-batches: the lowest, not the mean
+GATED_KEYS = ("loss/sapo_gated_frac", "loss/llds_gated_frac")  # also split on- and off-policy
+
+
+def step_metrics(done: list, mask, old_logp, adv, *, tau: float, seq_len_ref: int) -> dict[str, float]:
+    """A training step's metrics from its optimiser steps `done` = [(on-policy, rows, logp, loss metrics)].
+
+    Plain names: the mean over mini-batches (the lowest for MIN_KEYS), the on-policy one included,
+    as the loss sees them. `off/<name>`, `on/<name>`: the ISDD diagnostics of the off-policy
+    mini-batches (resp. the on-policy first one) pooled over their tokens and sequences, so that a
+    quantile is one of their tokens', and the GATED_KEYS averaged over them (docs/metrics.md).
+    """
+    per_mb = []
+    for _, rows, logp, loss_metrics in done:
+        per_mb.append({**loss_metrics, **isdd_metrics(logp, old_logp[rows], adv[rows], mask[rows], tau=tau,
+                                                      seq_len_ref=seq_len_ref)})
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for m in per_mb for k in m):
+        vals = [m[key] for m in per_mb if key in m and not math.isnan(m[key])]
+        out[key] = (min(vals) if key in MIN_KEYS else sum(vals) / len(vals)) if vals else math.nan
+    for prefix, on_policy in (("on/", True), ("off/", False)):
+        mine = [(rows, logp, m) for (on, rows, logp, _), m in zip(done, per_mb) if on == on_policy]
+        if not mine:
+            continue
+        rows = [r for r, _, _ in mine]
+        logp = torch.cat([lp for _, lp, _ in mine])
+        pooled = isdd_metrics(logp, torch.cat([old_logp[r] for r in rows]), torch.cat([adv[r] for r in rows]),
+                              torch.cat([mask[r] for r in rows]), tau=tau, seq_len_ref=seq_len_ref)
+        out.update({prefix + k: v for k, v in pooled.items()})
+        for key in GATED_KEYS:
+            if key in mine[0][2]:
+                out[prefix + key] = sum(m[key] for _, _, m in mine) / len(mine)
+    return out
 
 
 class SearchAgentRLModule(L.LightningModule):
@@ -208,11 +329,12 @@ class SearchAgentRLModule(L.LightningModule):
         self.rollout_step = 0
         self.nonfinite_total = self.nonfinite_run = 0
         self.collapsed_reason: str | None = None
-        self.collapse = CollapseDetector(**train_cfg.collapse)
+        self.collapse = CollapseDetector(train_cfg.max_steps, **train_cfg.collapse)
         self.test_results: dict = {}
         self.tau = float(algo.loss_params.get("tau", 1.0))
         check_run(train_cfg, algo, rollout_cfg)
         self.recompute = train_cfg.recompute_for(rollout_cfg.backend)
+        self.gen_budget = rollout_cfg.generation_budget()
         self._perms: dict[int, list[int]] = {}
         self._eval: dict[str, list] = {}
 
@@ -351,12 +473,19 @@ class SearchAgentRLModule(L.LightningModule):
         # a failed parity check raises EngineOutOfSync here and the run stops.
         metrics.update(sync_engine(self.rcfg.backend, self.policy))
         metrics.update(batch.metrics())
+        groups = rewards.view(-1, self.cfg.group_size)
         metrics.update({
             "train/step": float(step + 1), "train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()),
+            "train/zero_adv_frac": float((groups.amax(-1) == groups.amin(-1)).float().mean()),
             "train/lr": float(self.lr_schedulers().get_last_lr()[0]), "train/nonfinite_skipped": float(self.nonfinite_total),
             "time/score_s": t1 - t0 - batch.stats["time/rollout_s"], "time/update_s": t2 - t1})
-        collapsed_at = self.collapse.update(step + 1, metrics["train/reward_mean"], metrics.get("is_ratio/mean", 1.0))
+        collapsed_at = self.collapse.update(step + 1, metrics["train/reward_mean"], metrics.get("off/is_ratio/p5"),
+                                            metrics.get("off/isdd/frac_seq_geo_below_eps"))
         metrics["train/collapsed"] = float(collapsed_at is not None or self.collapsed_reason is not None)
+        # Lightning keeps every key logged in an epoch (a run is one) and logs its last value again at
+        # every later step: forget them, so that a step's line holds only what this step computed
+        # (a skipped optimiser step has no loss, a rollout without recompute no logp gap).
+        self.trainer._results.reset(metrics=False, fx="training_step")
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
         self.rollout_step = step + 1
         if self.rollout_step >= self.cfg.max_steps or self.collapsed_reason == "nonfinite":
@@ -365,67 +494,38 @@ class SearchAgentRLModule(L.LightningModule):
     def update(self, ids, att, mask, old_logp, ref_logp, adv, old_values, returns, step) -> dict:
         """The optimiser steps on one scored rollout batch (`make_batch`'s first output)."""
         opt, sched = self.optimizers(), self.lr_schedulers()
-        n, mbs, micro = ids.shape[0], self.cfg.mini_batch_size, self.cfg.micro_batch_size
+        n, mbs = ids.shape[0], self.cfg.mini_batch_size
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        sums: dict[str, float] = {}
-        mins: dict[str, float] = {}
-        count = 0
-        for _ in range(self.cfg.ppo_epochs):
-            order = torch.randperm(n, generator=gen).tolist()
-            for s in range(0, n, mbs):
-                idx = order[s:s + mbs]
-                tokens = float(mask[idx].sum().clamp(min=1))
-                opt.zero_grad()
-                finite, step_metrics = True, {}
-                for m in range(0, len(idx), micro):
-                    sel = torch.tensor(idx[m:m + micro], device=ids.device)
-                    width = int(att[sel].sum(-1).max())  # right-padded: trim to the longest row
-                    a, i, k = att[sel, :width], ids[sel, :width], mask[sel, :width]
-                    logp, ent, values = token_logp(self.policy, i, a, self.rcfg.temperature, mask=k, entropy=True,
-                                                   value_head=self.value_head)
-                    if not (torch.isfinite(logp).all() and torch.isfinite(ent).all()):
-                        finite = False  # a diverged policy: skip this step rather than crash on it
-                        break
-                    a_sel = adv[sel] if adv.dim() == 1 else adv[sel, :width]
-                    out = policy_loss(self.algo.loss, logp=logp, old_logp=old_logp[sel, :width], advantages=a_sel,
-                                      mask=k, **self.algo.loss_params)
-                    kl = ref_kl(logp, ref_logp[sel, :width], k, beta=self.cfg.ref_kl_beta)
-                    eb = entropy_bonus(ent, k, coef=self.cfg.entropy_coef)
-                    loss = out.loss + kl.loss + eb.loss
-                    parts = [out.metrics, kl.metrics, eb.metrics,
-                             isdd_metrics(logp.detach(), old_logp[sel, :width], a_sel, k, tau=self.tau)]
-                    if self.value_head is not None:
-                        vl = value_loss(values, old_values[sel, :width], returns[sel, :width], k,
-                                        **self.algo.value_params)
-                        loss = loss + vl.loss
-                        parts.append(vl.metrics)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    # Token-weighted accumulation keeps the mini-batch token mean exact across micro-batches.
-                    self.manual_backward(loss * float(k.sum()) / tokens)
-                    for part in parts:
-                        for key, v in part.items():
-                            step_metrics[key] = step_metrics.get(key, 0.0) + v * float(k.sum()) / tokens
-                            if key in ("is_ratio/min", "isdd/seq_log_ratio_min") and not math.isnan(v):
-                                mins[key] = min(mins.get(key, math.inf), v)
-                if not finite:
+        batch = {"ids": ids, "att": att, "mask": mask, "old_logp": old_logp, "ref_logp": ref_logp, "adv": adv,
+                 "old_values": old_values, "returns": returns}
+        done: list[tuple[bool, list[int], torch.Tensor, dict]] = []  # (on-policy, rows, logp, loss metrics)
+        self.policy.train()  # train mode for the update only: rollouts and scoring run in eval mode
+        try:
+            for epoch in range(self.cfg.ppo_epochs):
+                order = torch.randperm(n, generator=gen).tolist()
+                for s in range(0, n, mbs):
+                    idx = order[s:s + mbs]
                     opt.zero_grad()
-                    self.nonfinite_total += 1
-                    self.nonfinite_run += 1
-                    if self.nonfinite_run >= self.cfg.nonfinite_patience:
-                        self.collapsed_reason = "nonfinite"
-                    continue
-                self.nonfinite_run = 0
-                self.clip_gradients(opt, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
-                opt.step()
-                sched.step()
-                count += 1
-                for key, v in step_metrics.items():
-                    sums[key] = sums.get(key, 0.0) + v
-        metrics = {k: v / max(count, 1) for k, v in sums.items()}
-        metrics.update(mins)
-        metrics["train/optimizer_steps"] = float(count)
+                    out = mini_batch_backward(self.policy, batch, idx, micro=self.cfg.micro_batch_size, algo=self.algo,
+                                              cfg=self.cfg, temperature=self.rcfg.temperature,
+                                              gen_budget=self.gen_budget, value_head=self.value_head,
+                                              backward=self.manual_backward)
+                    if out is None:
+                        opt.zero_grad()
+                        self.nonfinite_total += 1
+                        self.nonfinite_run += 1
+                        if self.nonfinite_run >= self.cfg.nonfinite_patience:
+                            self.collapsed_reason = "nonfinite"
+                        continue
+                    self.nonfinite_run = 0
+                    self.clip_gradients(opt, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
+                    opt.step()
+                    sched.step()
+                    done.append((epoch == 0 and s == 0, idx, *out))
+        finally:
+            self.policy.eval()
+        metrics = step_metrics(done, mask, old_logp, adv, tau=self.tau, seq_len_ref=self.collapse.seq_len)
+        metrics["train/optimizer_steps"] = float(len(done))
         return metrics
 
     # --- evaluation -----------------------------------------------------------------------------
@@ -480,7 +580,7 @@ class SearchAgentRLModule(L.LightningModule):
         self.collapse.load_state_dict(s["collapse"])
 
     def run_summary(self) -> dict:
-        return {"steps": self.rollout_step, "collapse_step": self.collapse.step,
+        return {"steps": self.rollout_step, "collapse_step": self.collapse.step, "drift_step": self.collapse.drift_step,
                 "collapsed_reason": self.collapsed_reason or ("drift" if self.collapse.step else None),
                 "nonfinite_skipped": self.nonfinite_total, "train_config": asdict(self.cfg),
                 "rollout_backend": self.rcfg.backend, "recompute_old_logp": self.recompute}

@@ -86,6 +86,11 @@ class RolloutConfig:
         """The selected backend's options, if the config gives any."""
         return self.engine_options.get(self.backend)
 
+    def generation_budget(self) -> int:
+        """The most tokens a response can generate: max_turns + 1 turns of max_new_tokens, within
+        max_response_tokens (which counts the inserted passages too)."""
+        return min(self.max_response_tokens, (self.max_turns + 1) * self.max_new_tokens)
+
 
 def parse_action(text: str) -> tuple[str | None, str]:
     """Search-R1's rule: the first <search>…</search> or <answer>…</answer> of the turn."""

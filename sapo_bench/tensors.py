@@ -23,24 +23,32 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", norm_len: int | None = None) -> torch.Tensor:
+def aggregate(x: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", norm_len: int | None = None,
+              scope: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce a (B, T) per-token quantity to a scalar.
 
     token-mean               Σ_{i,t} x m / Σ_{i,t} m                   (veRL default, SAPO's code)
     seq-mean-token-mean      mean over sequences with ≥1 token of the per-sequence token mean
                              (the GRPO paper's equation)
-    seq-mean-token-sum-norm  Σ_{i,t} x m / (B · norm_len), norm_len defaulting to T (Dr.GRPO's
-                             constant normaliser)
+    seq-mean-token-sum-norm  Σ_{i,t} x m / (B · norm_len): Dr.GRPO's constant normaliser, which
+                             the caller must give (the generation budget, never a padded width)
+
+    `scope` is the mask of the whole optimiser mini-batch that these rows belong to (default: `mask`
+    itself): the numerators sum over `mask`, the denominators count over `scope`, so the values of
+    a mini-batch's micro-batches add up to the mini-batch's value, and so do their gradients. Rows
+    are never split, so a per-sequence mean needs no scope.
     """
+    scope = mask if scope is None else scope
     if agg == "token-mean":
-        return masked_mean(x, mask)
+        return masked_sum(x, mask) / scope.to(x.dtype).sum().clamp(min=1)
     if agg == "seq-mean-token-mean":
         per_seq = masked_mean(x, mask, dim=-1)
-        has_tokens = mask.sum(-1) > 0
-        return masked_mean(per_seq, has_tokens)
+        return masked_sum(per_seq, mask.sum(-1) > 0) / (scope.sum(-1) > 0).to(x.dtype).sum().clamp(min=1)
     if agg == "seq-mean-token-sum-norm":
-        length = norm_len if norm_len is not None else x.shape[-1]
-        return masked_sum(x, mask) / (x.shape[0] * length)
+        if norm_len is None:
+            raise ValueError("the seq-mean-token-sum-norm aggregation needs norm_len (Dr.GRPO's constant: the "
+                             "generation budget in generated tokens)")
+        return masked_sum(x, mask) / (scope.shape[0] * norm_len)
     raise ValueError(f"unknown aggregation {agg!r}; valid: {', '.join(AGGREGATIONS)}")
 
 

@@ -159,7 +159,8 @@ def _train(cfg: DictConfig, run_dir: Path, loggers: list, algo: Algo, rcfg: Roll
     result = {
         "run": {"model": cfg.model.name, "family": cfg.model.family, "size": str(cfg.model.size), "algo": algo.name,
                 "seed": cfg.seed, "steps": summary["steps"], "git_commit": git_commit(), "config_hash": config_hash(cfg),
-                "collapse_step": summary["collapse_step"], "collapsed_reason": summary["collapsed_reason"],
+                "collapse_step": summary["collapse_step"], "drift_step": summary["drift_step"],
+                "collapsed_reason": summary["collapsed_reason"],
                 "nonfinite_skipped": summary["nonfinite_skipped"], "data": cfg.data.kind,
                 "rollout_backend": summary["rollout_backend"], "recompute_old_logp": summary["recompute_old_logp"],
                 "machine": machine(), "device": str(module.device), "torch": torch.__version__,

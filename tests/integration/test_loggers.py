@@ -24,6 +24,7 @@ DOC = (CONF.parent / "docs" / "metrics.md").read_text()
 
 def documented(name: str) -> bool:
     pattern = re.sub(r"^(val|test)/(em|f1)/[a-z0-9]+$", r"\1/\2/<dataset>", name)
+    pattern = re.sub(r"^(on|off)/.+$", r"\1/<name>", pattern)  # the on-/off-policy copies of the diagnostics
     return f"`{pattern}`" in DOC
 
 

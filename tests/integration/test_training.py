@@ -18,7 +18,9 @@ from sapo_bench.train import train
 CONF = Path(__file__).resolve().parents[2] / "conf"
 REQUIRED = ["train/reward_mean", "is_ratio/mean", "is_ratio/min", "is_ratio/frac_below_tau",
             "is_ratio/pos_frac_below_tau", "isdd/frac_seq_prod_below_eps", "loss/policy", "loss/clip_frac",
-            "loss/ref_kl", "policy/entropy", "rollout/searches_mean", "rollout/invalid_frac", "rollout/response_len"]
+            "loss/ref_kl", "policy/entropy", "rollout/searches_mean", "rollout/invalid_frac", "rollout/response_len",
+            "train/zero_adv_frac", "rollout/answered_frac", "isdd/frac_seq_geo_below_eps", "off/is_ratio/p5",
+            "off/isdd/frac_seq_prod_below_eps", "off/isdd/frac_seq_geo_below_eps", "on/is_ratio/pos_frac_below_tau"]
 
 
 def tiny_overrides(tmp, algo="grpo", steps=2):
@@ -59,6 +61,7 @@ def test_a_tiny_run_end_to_end(tmp_path, algo):
     assert steps[0]["train/optimizer_steps"] == 2  # 6 responses in mini-batches of 3: off-policy structure
     if algo == "sapo":
         assert "loss/sapo_term" in steps[0]
+        assert "on/loss/sapo_gated_frac" in steps[0] and "off/loss/sapo_gated_frac" in steps[0]
         for m in steps:  # the hf engine's behaviour log-probs are the training forward's
             assert m["rollout/logp_gap_max"] < 1e-4 and m["rollout/tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
             assert m["rollout/tis_capped_frac"] == 0.0
@@ -70,6 +73,7 @@ def test_a_tiny_run_end_to_end(tmp_path, algo):
     # Every logged name is documented once in docs/metrics.md (per-dataset names by their pattern).
     doc = (CONF.parent / "docs" / "metrics.md").read_text()
     logged = {re.sub(r"^(val|test)/(em|f1)/[a-z0-9]+$", r"\1/\2/<dataset>", k) for m in lines(run) for k in m}
+    logged = {re.sub(r"^(on|off)/.+$", r"\1/<name>", k) for k in logged}
     assert {k for k in logged if f"`{k}`" not in doc} <= {"epoch", "optimizer_step"}
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "config.yaml").exists()
     # started again, a finished run is skipped, not redone
@@ -131,18 +135,37 @@ def test_non_finite_losses_are_skipped_counted_and_mark_the_run_collapsed(tmp_pa
     load_policy_for(cfg, build_retriever("bm25", corpus_path=cfg.data.corpus),
                     RolloutConfig(**cfg.rollout, chat_template=False))
     real = module.token_logp
+    rollout_modes = []
+    real_rollout = module.rollout
 
-    def diverged(*args, **kwargs):
+    def watched_rollout(engine, *args, **kwargs):  # the hf engine generates with the policy itself
+        rollout_modes.append(engine.model.training)
+        return real_rollout(engine, *args, **kwargs)
+
+    monkeypatch.setattr(module, "rollout", watched_rollout)
+
+    modes = []
+
+    def diverged(*args, **kwargs):  # finite for the first step's two optimiser steps, then NaN
         lp, ent, val = real(*args, **kwargs)
-        return (lp * float("nan"), ent, val) if torch.is_grad_enabled() else (lp, ent, val)
+        if torch.is_grad_enabled():
+            modes.append(args[0].training)
+            if len(modes) > 2:
+                return lp * float("nan"), ent, val
+        return lp, ent, val
 
     monkeypatch.setattr(module, "token_logp", diverged)
     cfg.train.nonfinite_patience = 2
     result = train(cfg)  # recorded, not crashed
     assert result["run"]["collapsed_reason"] == "nonfinite"
-    assert result["run"]["nonfinite_skipped"] == 2 and result["run"]["steps"] == 1
+    assert result["run"]["nonfinite_skipped"] == 2 and result["run"]["steps"] == 2
     steps = [m for m in lines(cfg.run_dir) if "train/reward_mean" in m]
     assert steps[-1]["train/optimizer_steps"] == 0 and steps[-1]["train/collapsed"] == 1.0
+    # a step's line holds what it computed: the losses of step 1, none (not step 1's again) at step 2
+    assert "loss/policy" in steps[0] and "loss/policy" not in steps[-1] and "is_ratio/p5" not in steps[-1]
+    # the update runs in train mode; the policy is back in eval mode for rollouts and scoring
+    assert modes and all(modes)
+    assert rollout_modes and not any(rollout_modes)
 
 
 def test_a_failing_retriever_is_retried_then_stops_with_a_clear_error():

@@ -39,6 +39,8 @@ def test_the_headline_pair_differs_only_in_the_loss():
     ({"advantage_params": {"epsilon": 1}}, r"unknown advantage 'grpo' parameter\(s\) 'epsilon'; valid: eps"),
     ({"advantage": "gae"}, r"gae advantage needs value_head: true"),
     ({"colour": "red"}, r"unknown algo field\(s\) 'colour'; valid: name, loss, advantage"),
+    ({"entropy_coef": "none"}, r"algo.entropy_coef must be a finite number, got 'none'"),
+    ({"loss_params": {"gamma": 0.1, "strict": 1}}, r"algo.loss_params.strict must be true or false, got 1"),
 ])
 def test_bad_algo_config_is_a_clear_error(change, message):
     cfg = {**load(ALGO_DIR / "sapo.yaml"), **change}

@@ -50,3 +50,20 @@ def test_clip_fraction_counts_binding_tokens_only():
     a = torch.tensor([[1.0, -1.0, -1.0, 1.0, 1.0]])
     assert clip_fraction(r, a, torch.ones_like(r), 0.2, 0.2).item() == pytest.approx(2 / 5)
     assert clip_fraction(r, a, torch.ones_like(r), 0.2, 0.4).item() == pytest.approx(1 / 5)
+
+
+def test_the_length_aware_companion_of_definition_1_ignores_length_alone():
+    # row 0: 100 tokens at log r = -0.1 each (a response at the length limit, no drift per token):
+    #   Σ = -10 < log 1e-3 = -6.91, so Definition 1 flags it; its mean -0.1 > log(1e-3)/16 = -0.432: not drifted.
+    # row 1: 4 tokens at log r = -2 (Σ = -8, mean -2): drifted by both. row 2: 4 tokens at log r = -0.5
+    #   (Σ = -2: not by Definition 1; mean -0.5 < -0.432: drifted per token).
+    log_r = torch.zeros(3, 100, dtype=D)
+    mask = torch.zeros(3, 100, dtype=D)
+    log_r[0], mask[0] = -0.1, 1
+    log_r[1, :4], log_r[2, :4], mask[1:, :4] = -2.0, -0.5, 1
+    m = isdd_metrics(log_r, torch.zeros_like(log_r), torch.ones(3, dtype=D), mask)
+    assert m["isdd/frac_seq_prod_below_eps"] == pytest.approx(2 / 3)
+    assert m["isdd/frac_seq_geo_below_eps"] == pytest.approx(2 / 3)  # rows 1 and 2, not row 0
+    # at seq_len_ref = 100 the companion agrees with Definition 1 on a 100-token response
+    long = isdd_metrics(log_r[:1], torch.zeros(1, 100, dtype=D), torch.ones(1, dtype=D), mask[:1], seq_len_ref=100)
+    assert long["isdd/frac_seq_geo_below_eps"] == long["isdd/frac_seq_prod_below_eps"] == 1.0

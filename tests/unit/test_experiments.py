@@ -38,7 +38,14 @@ def test_micro_main_is_two_families_two_sizes_three_seeds():
 
 
 def test_micro_experiments_cover_the_issue():
-    assert {c.algo.name for c in cells("micro_ablation")} == {"grpo", "sapo_kl", "sapo_kl_r", "sapo"}
+    ablation = {c.algo.name: c for c in cells("micro_ablation")}
+    assert set(ablation) == {"grpo", "sapo_kl", "sapo_kl_r", "sapo", "sapo_strict", "grpo_noent", "llds"}
+    # the controls: the paper's strict gate, GRPO without its entropy bonus (and nothing else), LLDS's default gate
+    assert ablation["sapo_strict"].algo.loss_params.strict is True
+    noent, grpo = ablation["grpo_noent"].algo, ablation["grpo"].algo
+    assert noent.entropy_coef == 0.0 and grpo.get("entropy_coef") is None and ablation["grpo"].train.entropy_coef > 0
+    assert (noent.loss, noent.loss_params, noent.advantage) == (grpo.loss, grpo.loss_params, grpo.advantage)
+    assert (ablation["llds"].algo.loss, ablation["llds"].algo.loss_params.gate) == ("llds", "action")
     assert {c.model.size for c in cells("micro_scaling")} == {"1m", "1.3m", "4m", "16m"}
     stress = cells("micro_stress")
     default = compose_config([])

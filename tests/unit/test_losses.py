@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from sapo_bench.losses import (
-    LOSSES, entropy_bonus, entropy_from_logits, loss_params, policy_loss, ref_kl, value_loss,
+    LOSSES, Scope, entropy_bonus, entropy_from_logits, loss_params, policy_loss, ref_kl, turn_ids, value_loss,
 )
+from sapo_bench.settings import SettingError
 
 D = torch.float64
 
@@ -21,6 +22,8 @@ def run(name, logp, adv, mask=None, old=None, **params):
     logp = logp.clone().requires_grad_(True)
     old = torch.zeros_like(logp) if old is None else old
     mask = torch.ones_like(logp) if mask is None else mask
+    if name == "dr_grpo":  # its normaliser is a constant the caller gives (the module: the generation budget)
+        params.setdefault("norm_len", 10)
     out = policy_loss(name, logp=logp, old_logp=old, advantages=adv, mask=mask, **params)
     (grad,) = torch.autograd.grad(out.loss, logp, allow_unused=True)
     return out, (torch.zeros_like(logp) if grad is None else grad)
@@ -80,10 +83,14 @@ def test_dapo_clips_higher_only_above():
 def test_dr_grpo_uses_a_constant_normaliser():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=D)
     total = -1 - 1.2 - 0.5 + 1
-    out, _ = run("dr_grpo", RATIOS, ADV, mask=mask)
-    assert out.loss.item() == pytest.approx(total / (2 * 3))
     out, _ = run("dr_grpo", RATIOS, ADV, mask=mask, norm_len=10)
     assert out.loss.item() == pytest.approx(total / (2 * 10))
+    # without norm_len: the generation budget the scope carries, never the tensors' padded width (3)
+    out = policy_loss("dr_grpo", logp=RATIOS, old_logp=torch.zeros_like(RATIOS), advantages=ADV, mask=mask,
+                      scope=Scope.of(mask, ADV, gen_budget=7))
+    assert out.loss.item() == pytest.approx(total / (2 * 7))
+    with pytest.raises(ValueError, match="dr_grpo needs a constant normaliser"):
+        policy_loss("dr_grpo", logp=RATIOS, old_logp=torch.zeros_like(RATIOS), advantages=ADV, mask=mask)
 
 
 # --- SAPO and its ablations -------------------------------------------------------------------
@@ -164,6 +171,79 @@ def test_sapo_tau_moves_the_ratio_gate():
     out, _ = run("sapo", SAPO_LOGP, SAPO_ADV, tau=0.6)
     # r <= 0.6 among A >= 0 tokens: only (0,1) with r = 0.5; still N = 4
     assert out.metrics["loss/sapo_term"] == pytest.approx(math.log(2) / 4)
+
+
+# --- LLDS (arXiv 2512.04220) -------------------------------------------------------------------
+
+# old_logp = 0, so Δ = old − logp = −logp. Row 0 (A = +1): turn 1 = tokens 0-1 (Δ 0.5, −0.2), a
+# masked passage at 2-3, turn 2 = tokens 4-5 (Δ −0.5, 0.1), padding at 6. Row 1 (A = 0): one turn
+# (Δ 0.2, 0.3, −0.1). Row 2 (A = −1): outside Y_pre whatever its Δ.
+LLDS_DELTA = torch.tensor([[0.5, -0.2, 9.0, 9.0, -0.5, 0.1, 9.0],
+                           [0.2, 0.3, -0.1, 0.0, 0.0, 0.0, 0.0],
+                           [0.4, 0.4, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=D)
+LLDS_MASK = torch.tensor([[1, 1, 0, 0, 1, 1, 0], [1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0]], dtype=D)
+LLDS_ADV = torch.tensor([1.0, 0.0, -1.0], dtype=D)
+
+
+def test_turns_are_contiguous_runs_of_generated_tokens():
+    mask = torch.tensor([[1, 1, 0, 1, 0, 1, 1], [0, 0, 1, 1, 1, 0, 0]]).bool()
+    assert turn_ids(mask).tolist() == [[1, 1, 0, 2, 0, 3, 3], [0, 0, 1, 1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("gate,term,pulled", [
+    # action: row 0 turn 1 sums to 0.3 > 0 (its Δ = 0.5 token pulls, the −0.2 one has max(0, Δ) = 0),
+    # turn 2 sums to −0.4 (off); row 1 sums to 0.4 (0.2 + 0.3 pull). (0.5/4 + 0.5/3) / 2 responses
+    ("action", (0.5 / 4 + 0.5 / 3) / 2, [(0, 0), (1, 0), (1, 1)]),
+    # response: row 0 sums to 0.3 − 0.4 = −0.1 (off as a whole); row 1 on. (0 + 0.5/3) / 2
+    ("response", (0.5 / 3) / 2, [(1, 0), (1, 1)]),
+    # token: every Δ > 0 of Y_pre. ((0.5 + 0.1)/4 + 0.5/3) / 2
+    ("token", (0.6 / 4 + 0.5 / 3) / 2, [(0, 0), (0, 5), (1, 0), (1, 1)]),
+])
+def test_llds_by_hand(gate, term, pulled):
+    out, grad = run("llds", -LLDS_DELTA, LLDS_ADV, mask=LLDS_MASK, gate=gate)
+    grpo, g_grpo = run("grpo", -LLDS_DELTA, LLDS_ADV, mask=LLDS_MASK)
+    assert out.metrics["loss/llds_term"] == pytest.approx(term)
+    assert out.loss.item() == pytest.approx(grpo.loss.item() + 0.2 * term)
+    assert out.metrics["loss/llds_gated_frac"] == pytest.approx(len(pulled) / 9)  # of the 9 generated tokens
+    # d(λ L)/d logp = −λ / (|Y_pre| · |y_i|) on each pulled token: rows 0 and 1 have 4 and 3 tokens
+    expected = torch.zeros_like(grad)
+    for i, t in pulled:
+        expected[i, t] = -0.2 / (2 * (4, 3)[i])
+    torch.testing.assert_close(grad - g_grpo, expected)
+
+
+def test_llds_authors_code_denominator_counts_every_generated_token():
+    out, _ = run("llds", -LLDS_DELTA, LLDS_ADV, mask=LLDS_MASK, denominator="all_tokens")
+    assert out.metrics["loss/llds_term"] == pytest.approx((0.5 + 0.5) / 9)  # A < 0 row 2 counted below
+
+
+def test_llds_with_no_nonnegative_advantage_adds_exactly_zero():
+    adv = torch.tensor([-1.0, -0.5, -2.0], dtype=D)
+    for gate in ("action", "response", "token"):
+        out, g = run("llds", -LLDS_DELTA, adv, mask=LLDS_MASK, gate=gate)
+        grpo, g_grpo = run("grpo", -LLDS_DELTA, adv, mask=LLDS_MASK)
+        assert out.metrics["loss/llds_term"] == 0.0 and out.loss.item() == grpo.loss.item()
+        torch.testing.assert_close(g, g_grpo)
+
+
+def test_llds_gradient_flows_through_logp_only():
+    logp = (-LLDS_DELTA).clone().requires_grad_(True)
+    old = torch.zeros_like(logp, requires_grad=True)
+    adv = LLDS_ADV.clone().requires_grad_(True)
+    out = policy_loss("llds", logp=logp, old_logp=old, advantages=adv, mask=LLDS_MASK)
+    g_logp, g_old, g_adv = torch.autograd.grad(out.loss, [logp, old, adv], allow_unused=True)
+    assert g_old is None and g_adv is None and bool((g_logp != 0).any())
+
+
+def test_sapo_is_llds_token_level_with_its_weight_when_responses_are_equally_long():
+    # SAPO's (old − logp)·1[r ≤ 1] is max(0, Δ); with equal lengths its A ≥ 0 token mean is LLDS's
+    # mean over responses of per-response means, so γ = λ makes the two losses one.
+    logp, old, _, _ = _batch(4)
+    adv = torch.tensor([1.0, 0.0, -1.0], dtype=D)
+    a, ga = run("sapo", logp, adv, old=old, gamma=0.2)
+    b, gb = run("llds", logp, adv, old=old, gate="token", lam=0.2)
+    assert a.loss.item() == pytest.approx(b.loss.item())
+    torch.testing.assert_close(ga, gb)
 
 
 # --- GSPO and the soft gate -------------------------------------------------------------------
@@ -272,8 +352,23 @@ def test_unknown_loss_and_parameter_list_the_valid_ones():
         policy_loss("sapoo", logp=logp, old_logp=old, advantages=adv, mask=mask)
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) 'gama' for loss 'sapo'; valid: gamma, tau, strict"):
         policy_loss("sapo", logp=logp, old_logp=old, advantages=adv, mask=mask, gama=0.1)
-    with pytest.raises(ValueError, match=r"unknown aggregation 'mean'; valid: token-mean"):
+    with pytest.raises(SettingError, match=r"algo.loss_params.agg must be one of token-mean, seq-mean-token-mean"):
         policy_loss("grpo", logp=logp, old_logp=old, advantages=adv, mask=mask, agg="mean")
+
+
+@pytest.mark.parametrize("loss,params,says", [
+    ("llds", {"gate": "turn"}, "algo.loss_params.gate must be one of action, response, token, got 'turn'"),
+    ("llds", {"denominator": "tokens"}, "algo.loss_params.denominator must be one of responses, all_tokens"),
+    ("llds", {"lam": -0.2}, "algo.loss_params.lam must be at least 0, got -0.2"),
+    ("sapo", {"strict": "yes"}, "algo.loss_params.strict must be true or false, got 'yes'"),
+    ("sapo", {"gamma": float("nan")}, "algo.loss_params.gamma must be a finite number"),
+    ("dr_grpo", {"norm_len": 0}, "algo.loss_params.norm_len must be at least 1, got 0"),
+    ("dr_grpo", {"norm_len": 2.5}, "algo.loss_params.norm_len must be a whole number, got 2.5"),
+])
+def test_a_loss_parameter_of_the_wrong_kind_names_itself(loss, params, says):
+    logp, old, adv, mask = _batch()
+    with pytest.raises(SettingError, match=says):
+        policy_loss(loss, logp=logp, old_logp=old, advantages=adv, mask=mask, **params)
 
 
 def test_defaults_match_the_released_code():
@@ -281,6 +376,8 @@ def test_defaults_match_the_released_code():
     assert loss_params("sapo") == {"gamma": 0.1, "tau": 1.0, "strict": False, "clip_eps": 0.2, "agg": "token-mean"}
     assert loss_params("dapo")["clip_high"] == 0.28
     assert loss_params("soft_gate") == {"tau_pos": 1.0, "tau_neg": 1.05, "agg": "token-mean"}
+    assert loss_params("llds") == {"lam": 0.2, "gate": "action", "denominator": "responses", "clip_eps": 0.2,
+                                   "agg": "token-mean"}
 
 
 def test_loss_runs_in_bfloat16_without_nan():

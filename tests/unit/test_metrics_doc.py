@@ -19,7 +19,8 @@ def emitted() -> set[str]:
     adv, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 3)
     names = set(isdd_metrics(logp, old, adv, mask))
     for name in LOSSES:
-        names |= set(policy_loss(name, logp=logp, old_logp=old, advantages=adv, mask=mask).metrics)
+        params = {"norm_len": 3} if name == "dr_grpo" else {}
+        names |= set(policy_loss(name, logp=logp, old_logp=old, advantages=adv, mask=mask, **params).metrics)
     names |= set(ref_kl(logp, old, mask).metrics) | set(entropy_bonus(torch.ones(2, 3), mask).metrics)
     names |= set(value_loss(logp, old, old, mask).metrics)
     return names

@@ -29,6 +29,25 @@ def test_recomputed_averages_match_the_papers_headline_numbers(tmp_path):
     assert r"\toprule" in written[2].read_text()
 
 
+def test_the_published_table_shows_llds_with_its_headline_numbers_under_its_own_source(tmp_path):
+    table = published_table(load_published(REFERENCE))
+    llds = table[table.source == "arXiv:2512.04220v2 (LLDS)"]
+
+    def avg(backbone, method):
+        return llds[(llds.backbone == backbone) & (llds.method == method)].iloc[0]["avg"]
+
+    # the paper's abstract: 3B-Instruct GRPO 0.336 -> 0.441, 7B-Instruct 0.396 -> 0.483, 3B-Base 0.312 -> 0.360
+    for backbone, grpo, with_llds in (("Qwen2.5-3B-Instruct", 0.336, 0.441), ("Qwen2.5-7B-Instruct", 0.396, 0.483),
+                                      ("Qwen2.5-3B-Base", 0.312, 0.360)):
+        assert avg(backbone, "GRPO") == pytest.approx(grpo, abs=5e-4)
+        assert avg(backbone, "GRPO + LLDS") == pytest.approx(with_llds, abs=5e-4)
+    assert avg("Qwen2.5-3B-Base", "GRPO + LLDS-MA") == pytest.approx(0.440, abs=5e-4)
+    assert len(llds) == 11 and set(llds.metric) == {"em"}
+    md = write_published(REFERENCE, tmp_path)[0].read_text()
+    section = md.split("## arXiv:2512.04220v2 (LLDS), Tables 1-2 — EM")[1].split("\n## ")[0]
+    assert "| Qwen2.5-7B-Instruct | GRPO + LLDS |" in section and "SAPO" not in section
+
+
 @pytest.mark.parametrize("line,message", [
     ("s,T1,b,m,nq,em,zero,\n", r"bad\.csv:3: value 'zero' is not a number"),
     ("s,T1,b,m,squad,em,0.1,\n", r"bad\.csv:3: unknown dataset 'squad'; valid: nq, triviaqa"),

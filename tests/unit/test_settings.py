@@ -46,9 +46,12 @@ def composed(*overrides):
     ({"ref_kl_beta": -0.1}, "train.ref_kl_beta must be at least 0"),
     ({"tis_cap": 0.0}, "train.tis_cap must be positive, got 0.0"),
     ({"reward": "bleu"}, "unknown reward 'bleu'; valid: em, f1"),
-    ({"collapse": {"window": 0}}, "train.collapse.window must be at least 1, got 0"),
-    ({"collapse": {"frac": 0.0}}, "train.collapse.frac must be positive"),
-    ({"collapse": {"windw": 5}}, "unknown train.collapse key 'windw'; valid: window, frac, min_steps"),
+    ({"collapse": {"seq_len": 0}}, "train.collapse.seq_len must be at least 1, got 0"),
+    ({"collapse": {"reward_frac": 0.0}}, "train.collapse.reward_frac must be positive"),
+    ({"collapse": {"window_frac": 1.5}}, "train.collapse.window_frac must be at most 1"),
+    ({"collapse": {"ratio_p5": "low"}}, "train.collapse.ratio_p5 must be a finite number"),
+    ({"collapse": {"window": 5}}, "unknown train.collapse key 'window'; valid: window_frac, start_frac, "
+                                  "reward_frac, ratio_p5, seq_frac, seq_len"),
 ])
 def test_impossible_training_settings_name_themselves(train, says):
     base = {"prompts_per_step": 8, "group_size": 5, "mini_batch_size": 10, "micro_batch_size": 10}
