@@ -121,24 +121,32 @@ def run_configs(cfg: DictConfig) -> tuple[Algo, RolloutConfig, "TrainConfig"]:
     tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
     check_run(tcfg, algo, rcfg)
     if cfg.model.kind == "micro":
-        from sapo_bench.warmstart import WarmStartConfig
-
-        WarmStartConfig(**cfg.warmstart)
+        warmstart_config(cfg)
     check_int("checkpoint_every", cfg.checkpoint_every)
     check_int("eval.val_every", cfg.eval.val_every)
     check_int("eval.batch_size", cfg.eval.batch_size)
     return algo, rcfg, tcfg
 
 
+def warmstart_config(cfg: DictConfig):
+    """The micro warm start's settings: `warmstart`, updated by the model's own `model.warmstart`
+    (the four-layer sizes warm up longer: conf/model/*-micro-1.3m.yaml)."""
+    from sapo_bench.warmstart import WarmStartConfig  # lazily: warmstart imports this module's importers
+
+    own = cfg.model.get("warmstart")
+    own = OmegaConf.to_container(own, resolve=True) if own is not None else {}
+    return WarmStartConfig(**{**OmegaConf.to_container(cfg.warmstart, resolve=True), **own})
+
+
 def load_policy_for(cfg: DictConfig, retriever, rcfg: RolloutConfig):
     """(model, tokenizer, warm-start report or None)."""
     if cfg.model.kind == "micro":
         # Lazy: the warm start imports the evaluation code, which imports this module.
-        from sapo_bench.warmstart import WarmStartConfig, warm_start
+        from sapo_bench.warmstart import warm_start
 
         # Parallel runs of one model wait for the first to build its warm start, then load it.
         with file_lock(Path(cfg.data.root) / ".cache" / f"warmstart-{cfg.model.name}.lock"):
-            return warm_start(cfg.model.name, cfg.data.root, retriever, rcfg, WarmStartConfig(**cfg.warmstart),
+            return warm_start(cfg.model.name, cfg.data.root, retriever, rcfg, warmstart_config(cfg),
                               seed=cfg.data.world_seed)
     from sapo_bench.models import load_policy
 
