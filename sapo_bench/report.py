@@ -367,6 +367,10 @@ def provenance(runs: pd.DataFrame, command: str) -> str:
 def write_experiment(experiment: str, overrides: list[str], out: Path, command: str) -> list[Path]:
     grid_runs = expand([experiment], overrides)
     runs, cfg = run_rows(grid_runs), grid_runs[0].cfg
+    if not (runs.state == "done").any():  # a table of nothing would replace the one already there
+        states = ", ".join(f"{n} {s}" for s, n in runs.state.value_counts().items())
+        raise SystemExit(f"sapo-report {experiment}: no finished run ({states}): nothing written; "
+                         f"`sapo-sweep {experiment}` runs them, `sapo-sweep {experiment} --list` says why not")
     baseline, title = cfg.report.baseline, cfg.report.title or experiment
     micro = cfg.data.kind == "micro"
     table = measured_table(runs, baseline, "em")

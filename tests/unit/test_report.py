@@ -193,3 +193,12 @@ def test_runs_made_before_baselines_give_the_old_rows_and_no_verdict():
     assert no_search_verdicts(t) == []
     header, rows = display_rows(t, "grpo")
     assert all(dict(zip(header, row))["Δ Avg vs no search"] == "" for row in rows)
+
+
+def test_a_report_with_no_finished_run_says_so_and_writes_nothing(tmp_path):
+    from sapo_bench.report import write_experiment
+
+    overrides = [f"out_root={tmp_path}/runs", f"data.root={tmp_path}/world"]
+    with pytest.raises(SystemExit, match=r"sapo-report micro_smoke: no finished run \(8 new\): nothing written"):
+        write_experiment("micro_smoke", overrides, tmp_path / "results", "sapo-report micro_smoke")
+    assert not (tmp_path / "results").exists()
