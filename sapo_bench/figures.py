@@ -22,9 +22,12 @@ import pandas as pd  # noqa: E402
 
 from sapo_bench.data import DATASETS, DISPLAY  # noqa: E402
 
-# (metric name in metrics.jsonl, panel title); the names are documented in docs/metrics.md.
-DYNAMICS = [("is_ratio/mean", "IS ratio (mean)"), ("loss/clip_frac", "clip fraction"),
-            ("policy/entropy", "entropy"), ("train/reward_mean", "reward")]
+# (metric name in metrics.jsonl, panel title); the names are documented in docs/metrics.md. The
+# ratio panels are the SAPO paper's Figure 1 signature, read where drift shows: the off-policy
+# mini-batches' lower tail and its Definition 1 (a token mean of r stays near 1 as a run collapses).
+DYNAMICS = [("off/is_ratio/p5", "IS ratio p5 (off-policy)"),
+            ("off/isdd/frac_seq_prod_below_eps", "seqs with ∏r < 1e-3 (off-policy)"),
+            ("loss/clip_frac", "clip fraction"), ("policy/entropy", "entropy"), ("train/reward_mean", "reward")]
 STEP = "train/step"
 
 
