@@ -15,17 +15,11 @@ from hydra import compose, initialize_config_dir
 
 from sapo_bench.train import train
 
+from metric_names import documented
 from test_faults import Crash, crash_after_save
 from test_training import CONF, lines, tiny_overrides
 
 INSTALLED = [name for name in ("tensorboard", "wandb", "mlflow") if importlib.util.find_spec(name)]
-DOC = (CONF.parent / "docs" / "metrics.md").read_text()
-
-
-def documented(name: str) -> bool:
-    pattern = re.sub(r"^(val|test)/(em|f1)/[a-z0-9]+$", r"\1/\2/<dataset>", name)
-    pattern = re.sub(r"^(on|off)/.+$", r"\1/<name>", pattern)  # the on-/off-policy copies of the diagnostics
-    return f"`{pattern}`" in DOC
 
 
 @pytest.fixture(scope="module")
