@@ -92,11 +92,14 @@ class LossInputs:
     ratio: torch.Tensor      # exp(clamp(log_ratio))
     scope: Scope             # the whole mini-batch: denominators count over it
 
+    def select(self, gate=None) -> torch.Tensor:
+        """These rows' tokens inside an advantage gate (a function of A), all of them without one."""
+        return self.mask if gate is None else self.mask & gate(self.adv)
+
     def mean(self, values, agg: str = "token-mean", gate=None, norm_len: int | None = None):
         """`aggregate` over these tokens (inside the advantage gate `gate`, if any), dividing by the
         scope's count of the same tokens."""
-        m = self.mask if gate is None else self.mask & gate(self.adv)
-        return aggregate(values, m, agg, norm_len, scope=self.scope.select(gate))
+        return aggregate(values, self.select(gate), agg, norm_len, scope=self.scope.select(gate))
 
 
 LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {}
@@ -218,7 +221,7 @@ def _with_kl_term(x: LossInputs, *, gamma, clip_eps, agg, ratio_gate, adv_gate=N
     pg, metrics = clipped_surrogate(x, clip_eps, clip_eps, agg)
     term = (x.old_logp - x.logp) * ratio_gate.to(x.logp.dtype)
     k = x.mean(term, agg, gate=adv_gate)
-    gated = ratio_gate & x.mask if adv_gate is None else ratio_gate & x.mask & adv_gate(x.adv)
+    gated = ratio_gate & x.select(adv_gate)
     metrics["loss/sapo_term"] = k
     metrics["loss/sapo_gated_frac"] = x.mean(gated.float())
     return pg + gamma * k, metrics
@@ -290,7 +293,7 @@ def llds(x: LossInputs, *, lam: float = 0.2, gate: str = "action", denominator: 
     """
     pg, metrics = clipped_surrogate(x, clip_eps, clip_eps, agg)
     delta = (x.old_logp - x.logp).detach()
-    pos = x.mask & (x.adv >= 0)
+    pos = x.select(_adv_gate(strict=False))
     pulled = _llds_gate(x, delta, pos, gate) & (delta >= 0)
     term = (x.old_logp - x.logp) * pulled.to(x.logp.dtype)
     if denominator == "responses":
