@@ -22,7 +22,7 @@ STAMP := $(VENV)/.installed-$(TORCH)-$(subst $(comma),_,$(EXTRAS))
 # Runs are resumable: run it again after an interruption and it picks up where it stopped.
 #   REPRODUCE  the experiments (conf/experiment/) to sweep and tabulate
 #   JOBS       runs at a time (default: one per CPU core, as cpu_threads is 1; one per GPU)
-REPRODUCE ?= micro_main
+REPRODUCE ?= micro_main micro_stress
 JOBS ?=
 JOBS_FLAG := $(if $(JOBS),--jobs $(JOBS),)
 

@@ -227,10 +227,12 @@ def measured_table(runs: pd.DataFrame, baseline: str = "grpo", metric: str = "em
             if name == NO_SEARCH:
                 no_search_avg = out[-1]["avg_mean"]
         warm = [res["warmstart"] for res in mine.result if res.get("warmstart")]
+        warm_avg = math.nan
         if warm:
             out.append(_single_row(backbone, WARM_START, "warmstart", warm[0], metric))
-            if not pd.isna(no_search_avg) and not pd.isna(out[-1]["avg_mean"]):
-                out[-1]["delta_ns"] = out[-1]["avg_mean"] - no_search_avg
+            warm_avg = out[-1]["avg_mean"]
+            if not pd.isna(no_search_avg) and not pd.isna(warm_avg):
+                out[-1]["delta_ns"] = warm_avg - no_search_avg
         base = mine[mine.method == baseline]
         base_avg = dict(zip(base.seed, scores(list(base.result), metric).avg)) if len(base) else {}
         for method in dict.fromkeys(runs[runs.backbone == backbone].method):
@@ -253,21 +255,43 @@ def measured_table(runs: pd.DataFrame, baseline: str = "grpo", metric: str = "em
                     b_mean = sum(b for _, b in pairs) / len(pairs)
                     row.update(delta=d, delta_lo=lo, delta_hi=hi, n_pairs=len(pairs),
                                delta_rel=d / b_mean if b_mean >= MIN_RELATIVE_BASE else math.nan)
-                # The no-search row is one number, not a seed of its own: a one-sample interval.
-                above = [a - no_search_avg for a in sc.avg if not pd.isna(a)]
-                if not pd.isna(no_search_avg) and above:
-                    d, lo, hi = paired_difference(above)
-                    row.update(delta_ns=d, delta_ns_lo=lo, delta_ns_hi=hi)
+                # The no-search row and the warm start are one number each, which every seed of the
+                # backbone starts from (or is scored beside): each seed is paired with it, and the
+                # interval is a one-sample one.
+                for prefix, ref in (("delta_ns", no_search_avg), ("delta_ws", warm_avg)):
+                    above = [a - ref for a in sc.avg if not pd.isna(a)]
+                    if not pd.isna(ref) and above:
+                        d, lo, hi = paired_difference(above)
+                        row.update({prefix: d, f"{prefix}_lo": lo, f"{prefix}_hi": hi})
             out.append(row)
     table = pd.DataFrame(top + out)
-    vs_none = [c for c in ("delta_ns", "delta_ns_lo", "delta_ns_hi") if c in table]
-    return table[[c for c in table.columns if c not in vs_none] + vs_none]
+    last = [c for p in ("delta_ns", "delta_ws") for c in (p, f"{p}_lo", f"{p}_hi") if c in table]
+    return table[[c for c in table.columns if c not in last] + last]
 
 
 def _kind(r) -> str:
     """A row's kind; tables made before the kind column tell the warm start by its name."""
     kind = r.get("kind")
     return kind if isinstance(kind, str) else "warmstart" if r.method == WARM_START else "trained"
+
+
+def warm_start_verdicts(table: pd.DataFrame) -> list[str]:
+    """One line per backbone with a warm-start row: the trained rows whose 95% interval of Δ Avg vs
+    warm start lies above 0 (RL improved on its starting point), and those that fell below it."""
+    lines = []
+    if "delta_ws" not in table:
+        return lines
+    for backbone in dict.fromkeys(table.backbone):
+        trained = table[(table.backbone == backbone) & (table.kind == "trained") & table.delta_ws.notna()]
+        if trained.empty:
+            continue
+        up = [r.method for r in trained.itertuples() if r.delta_ws > 0 and r.delta_ws_lo > 0]
+        down = [r.method for r in trained.itertuples() if r.delta_ws < 0 and r.delta_ws_hi < 0]
+        same = [r.method for r in trained.itertuples() if r.method not in up + down]
+        parts = [f"{', '.join(m)} {verb}" for m, verb in ((up, "above"), (down, "below"), (same, "not told apart from"))
+                 if m]
+        lines.append(f"{backbone}: {'; '.join(parts)} the warm start (95% interval of Δ Avg vs warm start).")
+    return lines
 
 
 def no_search_verdicts(table: pd.DataFrame) -> list[str]:
@@ -307,7 +331,8 @@ def display_rows(table: pd.DataFrame, baseline: str, tex: bool = False) -> tuple
     cols = list(DATASETS) + SUMMARY
     names = {**DISPLAY, "1-hop": "1-hop", "multi-hop": "Multi-hop", "avg": "Avg"}
     header = ["Backbone", "Method", "n"] + [names[c] for c in cols]
-    header += [f"Δ Avg vs {baseline}", "Δ %", "95% CI", "Δ Avg vs no search", "collapsed", "degenerate"]
+    header += [f"Δ Avg vs {baseline}", "Δ %", "95% CI", "Δ Avg vs no search", "Δ Avg vs warm start", "collapsed",
+               "degenerate"]
     rows = []
     for _, r in table.iterrows():
         trained = _kind(r) == "trained"
@@ -316,14 +341,15 @@ def display_rows(table: pd.DataFrame, baseline: str, tex: bool = False) -> tuple
         cells = [_cell(r.get(f"{c}_mean"), r.get(f"{c}_std"), tex) for c in cols]
         ci = "" if pd.isna(r.get("delta_lo", math.nan)) else f"[{r.delta_lo:+.3f}, {r.delta_hi:+.3f}]"
         rel = _signed(r.get("delta_rel"), "{:+.0%}").replace("%", r"\%" if tex else "%")
-        vs_none = _signed(r.get("delta_ns")) + ("" if pd.isna(r.get("delta_ns_lo", math.nan))
-                                                 else f" [{r.delta_ns_lo:+.3f}, {r.delta_ns_hi:+.3f}]")
+        vs_none, vs_warm = (_signed(r.get(p)) + ("" if pd.isna(r.get(f"{p}_lo", math.nan))
+                                                 else f" [{r[f'{p}_lo']:+.3f}, {r[f'{p}_hi']:+.3f}]")
+                            for p in ("delta_ns", "delta_ws"))
         collapsed = "" if not trained or r.n == 0 else (
             f"{int(r.collapsed)}/{r.n}" + (f" (step {r.collapse_steps})" if r.collapsed else ""))
         degenerate = "" if not trained or r.n == 0 else (
             f"{int(r.degenerate)}/{r.n}" + (f" (from step {r.degenerate_steps})" if r.degenerate else ""))
         rows.append([r.backbone, method, n] + cells
-                    + [_signed(r.get("delta")), rel, ci, vs_none, collapsed, degenerate])
+                    + [_signed(r.get("delta")), rel, ci, vs_none, vs_warm, collapsed, degenerate])
     return header, rows
 
 
@@ -393,10 +419,11 @@ def write_experiment(experiment: str, overrides: list[str], out: Path, command: 
                 f"one search with the question as query; *{BASELINES['oracle']}* searches each question's gold chain by "
                 "title and copies the gold answer only if every evidence string was retrieved (the ceiling). Rows "
                 f"without a model are shown once, backbone {NO_BACKBONE}. Δ Avg vs no search is a row's average minus "
-                "its backbone's no-search average, mean over seeds with a one-sample 95% t-interval.\n\n"
+                "its backbone's no-search average, mean over seeds with a one-sample 95% t-interval; Δ Avg vs warm start "
+                "likewise against the warm start every seed began from: what RL added.\n\n"
                 if micro else "\n\n"),
              markdown_table(header, rows)]
-    verdicts = no_search_verdicts(table)
+    verdicts = no_search_verdicts(table) + warm_start_verdicts(table)
     if verdicts:
         parts.append("\n" + "".join(f"* {line}\n" for line in verdicts))
     missing = runs[runs.state != "done"]

@@ -184,6 +184,33 @@ def test_baseline_rows_come_first_and_every_policy_row_is_compared_with_no_searc
     assert r"--- & Oracle chain (teacher, ceiling) & 1 & 0.900" in tex and r"$\Delta$ Avg vs no search" in tex
 
 
+def test_every_trained_row_is_compared_with_its_warm_start_one_sample_per_seed():
+    from sapo_bench.report import warm_start_verdicts
+
+    runs = _runs([("q", "grpo", 0, "done", _result(0.20)), ("q", "grpo", 1, "done", _result(0.22)),
+                  *[("q", "sapo", s, "done", _result(0.05 + 0.001 * s)) for s in range(3)],
+                  ("q", "llds", 0, "done", _result(0.0)), ("q", "llds", 1, "done", _result(0.3)),
+                  ("m", "grpo", 0, "done", _result(0.5, warm=0.4))])
+    t = measured_table(runs, "grpo")
+    r = t.set_index(["backbone", "method"])
+    # warm start 0.10: grpo seeds +0.10, +0.12 -> +0.11 ± t(0.975, 1) * 0.01414 / √2 = ± 0.127
+    assert r.loc[("q", "grpo"), "delta_ws"] == pytest.approx(0.11)
+    assert r.loc[("q", "grpo"), "delta_ws_lo"] == pytest.approx(0.11 - 12.7062 * 0.01, abs=1e-4)
+    assert r.loc[("m", "grpo"), "delta_ws"] == pytest.approx(0.1) and pd.isna(r.loc[("m", "grpo"), "delta_ws_lo"])
+    assert pd.isna(r.loc[("q", WARM_START), "delta_ws"])  # the warm start is not compared with itself
+    header, rows = display_rows(t, "grpo")
+    cell = {(row[0], row[1]): dict(zip(header, row)) for row in rows}
+    assert cell[("q", "grpo")]["Δ Avg vs warm start"] == "+0.110 [-0.017, +0.237]"
+    assert cell[("q", WARM_START)]["Δ Avg vs warm start"] == ""
+    # grpo's interval reaches below 0 with two seeds this far apart; sapo's three lie close below 0
+    assert warm_start_verdicts(t) == [
+        "q: sapo below; grpo, llds not told apart from the warm start (95% interval of Δ Avg vs warm start).",
+        "m: grpo not told apart from the warm start (95% interval of Δ Avg vs warm start)."]
+    close = _runs([("q", "grpo", s, "done", _result(0.2 + 0.001 * s)) for s in range(3)])
+    assert warm_start_verdicts(measured_table(close, "grpo")) == [
+        "q: grpo above the warm start (95% interval of Δ Avg vs warm start)."]
+
+
 def test_runs_made_before_baselines_give_the_old_rows_and_no_verdict():
     runs = _runs([("q", "grpo", 0, "done", _result(0.1)), ("q", "sapo", 0, "done", _result(0.2))])
     t = measured_table(runs, "grpo")
