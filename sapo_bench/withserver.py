@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -98,11 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum, frame):
         stopping.append(signum)
         if child and child[0].poll() is None:
-            child[0].send_signal(signum)  # the command stops first (a sweep keeps its checkpoints)
+            # The command's whole process group, not only its first process: `sh -c '...'` does
+            # not pass a signal on to the sweep it waits for. It stops first (a sweep keeps its
+            # checkpoints), then the server.
+            try:
+                os.killpg(child[0].pid, signum)
+            except ProcessLookupError:
+                pass
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     with open(log_path, "ab") as log:
-        # Its own session: a Ctrl-C at the terminal reaches it through this process only, after the command.
+        # Its own session: a Ctrl-C at the terminal reaches it only through this process, after the command.
         server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             info = wait_ready(server, health, log_path)
@@ -110,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{health.rsplit('/', 1)[0]}, pid {server.pid}", flush=True)
             if stopping:
                 return 128 + stopping[0]
-            child.append(subprocess.Popen(command))
+            # A process group of its own, which on_signal signals as a whole (a Ctrl-C at the
+            # terminal reaches this process, which passes it on).
+            child.append(subprocess.Popen(command, start_new_session=True))
             while True:
                 try:
                     rc = child[0].wait()
