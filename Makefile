@@ -130,11 +130,11 @@ clean:
 REAL ?= micro_real
 .PHONY: reproduce-real smoke-real
 reproduce-real: install-smollm2
-	@echo "make reproduce-real: about 40 min on 2 CPU cores (README, 'The real-model path'); interrupted, it resumes."
+	@echo "make reproduce-real: an estimated 40 min on 2 idle CPU cores (not yet timed end to end: README, The real-model path); interrupted, it resumes."
 	$(PY) -m sapo_bench.withserver $(REAL) -- sh -c '$(VENV)/bin/sapo-sweep $(REAL) --jobs 1; status=$$?; \
 	  $(VENV)/bin/sapo-report $(REAL) --made-by "make reproduce-real" || status=1; exit $$status'
 
 smoke-real: install-smollm2
-	@echo "make smoke-real: about 6 min on 2 CPU cores; checks the pipeline, not the science."
+	@echo "make smoke-real: an estimated 6 min on 2 idle CPU cores (not yet timed end to end); checks the pipeline, not the science."
 	$(PY) -m sapo_bench.withserver micro_real_smoke -- sh -c '$(VENV)/bin/sapo-sweep micro_real_smoke --jobs 1; status=$$?; \
 	  $(VENV)/bin/sapo-report micro_real_smoke --out results/smoke --made-by "make smoke-real" || status=1; exit $$status'
