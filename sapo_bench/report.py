@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sapo_bench.baselines import BASELINES
+from sapo_bench.baselines import BASELINES, PRETRAINED_BASELINES
 from sapo_bench.data import DATASETS, DISPLAY, MULTI_HOP, SINGLE_HOP
 from sapo_bench.io import atomic_write_text
 from sapo_bench.runtime import git_commit
@@ -216,7 +216,7 @@ def measured_table(runs: pd.DataFrame, baseline: str = "grpo", metric: str = "em
         # Runs of one backbone share their warm start, so the first that reports baselines speaks for all.
         reported = [res["baselines"] for res in mine.result if res.get("baselines")]
         no_search_avg = math.nan
-        for name, label in BASELINES.items():
+        for name, label in {**PRETRAINED_BASELINES, **BASELINES}.items():
             if not reported or not reported[0].get(name):
                 continue
             if name in MODEL_FREE:
@@ -423,6 +423,12 @@ def write_experiment(experiment: str, overrides: list[str], out: Path, command: 
                 "likewise against the warm start every seed began from: what RL added.\n\n"
                 if micro else "\n\n"),
              markdown_table(header, rows)]
+    if any((table.method == label).any() for label in PRETRAINED_BASELINES.values()):
+        parts.insert(-1, f"*{PRETRAINED_BASELINES['zero_shot']}* and *{PRETRAINED_BASELINES['zero_shot_rag']}* are the "
+                         "pretrained model before any training (its chat template and the rollout's prompt; greedy, "
+                         "free, or made to search the question once and then answer); `warm start` is its supervised "
+                         "pass on the teacher's trajectories (the papers' SFT row, sapo_bench/realstart.py), from which "
+                         "the RL rows start.\n\n")
     verdicts = no_search_verdicts(table) + warm_start_verdicts(table)
     if verdicts:
         parts.append("\n" + "".join(f"* {line}\n" for line in verdicts))

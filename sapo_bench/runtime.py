@@ -120,7 +120,7 @@ def run_configs(cfg: DictConfig) -> tuple[Algo, RolloutConfig, "TrainConfig"]:
     rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=bool(cfg.model.chat_template))
     tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
     check_run(tcfg, algo, rcfg)
-    if cfg.model.kind == "micro":
+    if cfg.model.kind == "micro" or cfg.get("sft_warmstart"):
         warmstart_config(cfg)
     check_int("checkpoint_every", cfg.checkpoint_every)
     check_int("eval.val_every", cfg.eval.val_every)
@@ -148,6 +148,14 @@ def load_policy_for(cfg: DictConfig, retriever, rcfg: RolloutConfig):
         with file_lock(Path(cfg.data.root) / ".cache" / f"warmstart-{cfg.model.name}.lock"):
             return warm_start(cfg.model.name, cfg.data.root, retriever, rcfg, warmstart_config(cfg),
                               seed=cfg.data.world_seed)
+    if cfg.get("sft_warmstart") and not cfg.get("checkpoint"):
+        # A pretrained model fine-tuned on the teacher's trajectories first (experiment=micro_real;
+        # sapo_bench/realstart.py). Not for sapo-eval of a checkpoint: its weights replace these.
+        from sapo_bench.realstart import pretrained_warm_start
+
+        with file_lock(Path(cfg.data.root) / ".cache" / f"sft-{cfg.model.name}.lock"):
+            return pretrained_warm_start(cfg.model, cfg.data.root, retriever, rcfg, warmstart_config(cfg),
+                                         seed=cfg.data.world_seed)
     from sapo_bench.models import load_policy
 
     model, tok = load_policy(cfg.model)

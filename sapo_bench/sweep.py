@@ -145,7 +145,8 @@ def interleave(runs: list[Run]) -> list[Run]:
 
 def warm_start_key(run: Run) -> tuple | None:
     """What runs share a warm start by (runtime.load_policy_for's lock); None for a hub model."""
-    return (run.cfg.data.root, run.cfg.model.name) if run.cfg.model.kind == "micro" else None
+    shared = run.cfg.model.kind == "micro" or run.cfg.get("sft_warmstart")  # realstart.py's too
+    return (run.cfg.data.root, run.cfg.model.name) if shared else None
 
 
 def next_run(queue: list[Run], running: list[Run], warmed: set) -> Run | None:
