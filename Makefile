@@ -135,6 +135,6 @@ reproduce-real: install-smollm2
 	  $(VENV)/bin/sapo-report $(REAL) --made-by "make reproduce-real" || status=1; exit $$status'
 
 smoke-real: install-smollm2
-	@echo "make smoke-real: an estimated 6 min on 2 idle CPU cores (not yet timed end to end); checks the pipeline, not the science."
+	@echo "make smoke-real: about 8 min on 2 idle CPU cores (measured: README, The real-model path); checks the pipeline, not the science."
 	$(PY) -m sapo_bench.withserver micro_real_smoke -- sh -c '$(VENV)/bin/sapo-sweep micro_real_smoke --jobs 1; status=$$?; \
 	  $(VENV)/bin/sapo-report micro_real_smoke --out results/smoke --made-by "make smoke-real" || status=1; exit $$status'
