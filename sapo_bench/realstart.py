@@ -20,9 +20,6 @@ own scores (`zero_shot`, `zero_shot_rag`: scored before the supervised pass) amo
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,10 +27,9 @@ from pathlib import Path
 from sapo_bench.baselines import corpus_titles, evaluate_baselines, naive_rag
 from sapo_bench.data import DATASETS, eval_split, load_split
 from sapo_bench.evaluate import evaluate_policy
-from sapo_bench.io import atomic_write_json
 from sapo_bench.rewards import exact_match
 from sapo_bench.rollout import RolloutConfig
-from sapo_bench.warmstart import WarmStartConfig, cache_key, sft, teacher_batch, teacher_questions
+from sapo_bench.warmstart import WarmStartConfig, cache_key, save_warm_start, sft, teacher_batch, teacher_questions
 
 log = logging.getLogger(__name__)
 # Part of the cache key (beside warmstart.FORMAT_VERSION): what this module computes.
@@ -94,19 +90,7 @@ def pretrained_warm_start(model_cfg, world_dir: str | Path, retriever, rcfg: Rol
     report["baselines"] = {"zero_shot": zero_shot, "zero_shot_rag": zero_shot_rag, **baselines}
     lap("baselines_s")
     report["time"], report["seconds"] = times, sum(times.values())
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "warmstart.json", report)
-        if target.exists():  # a concurrent run finished first; theirs is identical
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_warm_start(model, tokenizer, report, target)
     log.info("SFT warm start %s: teacher EM %.3f, loss %s, test EM avg %.3f (zero-shot %.3f), %.0f s", name,
              teacher_em, [round(c, 3) for c in curve], report["test_em_avg"],
              sum(r["em"] for r in zero_shot.values()) / len(zero_shot), report["seconds"])

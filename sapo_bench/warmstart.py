@@ -245,6 +245,24 @@ def cache_key(world_dir: Path, model_name: str, model_config: dict, tokenizer, r
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+
+def save_warm_start(model, tokenizer, report: dict, target: Path) -> None:
+    """Write a warm start (weights, tokenizer, warmstart.json) to `target` atomically: built in a
+    temporary folder beside it and renamed, so a cache folder is complete or absent."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "warmstart.json", report)
+        if target.exists():  # a concurrent run finished first; theirs is identical
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
 def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutConfig, cfg: WarmStartConfig,
                seed: int = 0, cache_root: str | Path | None = None):
     """Return (model, tokenizer, report) for a warm-started micro model, from the cache when possible."""
@@ -285,19 +303,7 @@ def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutC
                                              rows["golden_answers"])
     lap("baselines_s")
     report["time"], report["seconds"] = times, sum(times.values())
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "warmstart.json", report)
-        if target.exists():  # a concurrent run finished first; theirs is identical
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_warm_start(model, tokenizer, report, target)
     log.info("warm start %s: teacher EM %.3f, SFT loss %s, test EM avg %.3f (%.0fs)", model_name, teacher_em,
              [round(c, 3) for c in curve], report["test_em_avg"], report["seconds"])
     return model, tokenizer, report
