@@ -111,6 +111,12 @@ def prepare(cfg: DictConfig) -> None:
 RUN_CONFIG_KEYS = ("algo", "rollout", "model", "train", "warmstart", "data", "checkpoint_every", "eval")  # what run_configs reads
 
 
+def has_warm_start(cfg: DictConfig) -> bool:
+    """Whether runs of this config begin from a cached supervised warm start: a micro model's
+    (warmstart.py), or a pretrained model's SFT pass (`sft_warmstart`, realstart.py)."""
+    return cfg.model.kind == "micro" or bool(cfg.get("sft_warmstart"))
+
+
 def run_configs(cfg: DictConfig) -> tuple[Algo, RolloutConfig, "TrainConfig"]:
     """A training run's algorithm, rollout and training configs, each checked alone and then
     together, and the run's own sizes: what cannot work fails here, before anything is built."""
@@ -120,7 +126,7 @@ def run_configs(cfg: DictConfig) -> tuple[Algo, RolloutConfig, "TrainConfig"]:
     rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=bool(cfg.model.chat_template))
     tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
     check_run(tcfg, algo, rcfg)
-    if cfg.model.kind == "micro" or cfg.get("sft_warmstart"):
+    if has_warm_start(cfg):
         warmstart_config(cfg)
     check_int("checkpoint_every", cfg.checkpoint_every)
     check_int("eval.val_every", cfg.eval.val_every)

@@ -43,8 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from sapo_bench.checkpoints import RESUMABLE
 from sapo_bench.io import atomic_write_json
-from sapo_bench.runtime import (CONF_DIR, RUN_CONFIG_KEYS, RunConflict, config_hash, finished_result, prepare,
-                                run_configs)
+from sapo_bench.runtime import (CONF_DIR, RUN_CONFIG_KEYS, RunConflict, config_hash, finished_result, has_warm_start,
+                                prepare, run_configs)
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 STOP_GRACE_S = 30.0  # a worker told to stop gets this long before it is killed
@@ -144,9 +144,8 @@ def interleave(runs: list[Run]) -> list[Run]:
 
 
 def warm_start_key(run: Run) -> tuple | None:
-    """What runs share a warm start by (runtime.load_policy_for's lock); None for a hub model."""
-    shared = run.cfg.model.kind == "micro" or run.cfg.get("sft_warmstart")  # realstart.py's too
-    return (run.cfg.data.root, run.cfg.model.name) if shared else None
+    """What runs share a warm start by (runtime.load_policy_for's lock); None without one."""
+    return (run.cfg.data.root, run.cfg.model.name) if has_warm_start(run.cfg) else None
 
 
 def next_run(queue: list[Run], running: list[Run], warmed: set) -> Run | None:
