@@ -91,10 +91,18 @@ def set_threads(cfg: DictConfig) -> None:
 
 
 def prepare_data(cfg: DictConfig) -> None:
-    """The micro world is generated on first use (seconds); real datasets must already exist."""
-    if cfg.data.kind == "micro" and not (Path(cfg.data.root) / "world.json").exists():
-        from sapo_bench.world import WorldConfig, write_world
+    """The micro world is generated on first use (seconds), and again when the cached one was made
+    by another generator version (tokenizers and warm starts are keyed by its world.json, so they
+    follow); real datasets must already exist."""
+    if cfg.data.kind != "micro":
+        return
+    from sapo_bench.world import GENERATOR, WorldConfig, write_world
 
+    manifest = Path(cfg.data.root) / "world.json"
+    made_by = json.loads(manifest.read_text()).get("generator") if manifest.exists() else None
+    if made_by != GENERATOR:
+        if made_by is not None:
+            log.warning("%s was made by %s; writing it again with %s", cfg.data.root, made_by, GENERATOR)
         write_world(cfg.data.root, WorldConfig(seed=cfg.data.world_seed, scale=cfg.data.world_scale))
 
 

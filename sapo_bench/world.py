@@ -42,6 +42,9 @@ from pathlib import Path
 
 from sapo_bench.io import atomic_write_json, atomic_write_text
 
+# Written into world.json; a cached world made by another generator version is made again.
+# 3: the NQ mirror's second wordings.
+GENERATOR = "sapo-world/3"
 SPLITS = {  # split sizes at scale 1; which splits exist mirrors the real datasets
     "nq": {"train": 6000, "dev": 300, "test": 500},
     "triviaqa": {"train": 3000, "dev": 300, "test": 500},
@@ -312,6 +315,13 @@ def _follow(e: Entity, rel: str):
 # the HotpotQA mirror every path and comparison that a test mirror asks (`taught` checks it), so
 # every column is learnable from the train mix; the test mirrors differ in wording, entities or
 # both, and Bamboogle's wordings are used nowhere else.
+# The NQ mirror asks each relation in two wordings (`_alt`), the second opening as the multi-hop
+# questions do ("In which city is X headquartered" beside HotpotQA's "In which city is the company
+# that X worked for headquartered?"), so the number of hops shows only in the relation words
+# ("the company that ..."). Measured with one wording per relation (qwen2-micro-1m, 30 GRPO steps
+# from a warm start that stops early on half the multi-hop questions): RL learnt the second search
+# from the openers, and did it on every TriviaQA/PopQA question that opens like a HotpotQA one
+# ("In which year was X born?": 12 of 12 searched twice, all wrong), single-hop EM 0.67 -> 0.53.
 # NQ's questions are lower-case and have no "?"; the mirror drops the "?" (the prompt adds it back,
 # as Search-R1's does) but writes the first word and the names capitalised. Measured on a 1M warm
 # start: to a tokenizer trained on this world "Ann Lee" and "ann lee" are unrelated tokens, and
@@ -338,6 +348,22 @@ TEMPLATES = {
         "genre": ("film", None, "genre", lambda e: f"What genre of film is {L(e)}"),
         "author": ("book", None, "maker", lambda e: f"Who wrote {L(e)}"),
         "published": ("book", None, "published", lambda e: f"When was {L(e)} published"),
+        "birthplace_alt": ("person", None, "birthplace", lambda e: f"In which town was {L(e)} born"),
+        "birth_year_alt": ("person", None, "birth_year", lambda e: f"In what year was {L(e)} born"),
+        "employer_alt": ("person", None, "employer", lambda e: f"Which company employed {L(e)}"),
+        "spouse_alt": ("person", None, "spouse", lambda e: f"Whom did {L(e)} marry"),
+        "occupation_alt": ("person", None, "occupation", lambda e: f"What is the occupation of {L(e)}"),
+        "nationality_alt": ("person", None, "nationality", lambda e: f"Which nationality did {L(e)} have"),
+        "country_alt": ("city", None, "country", lambda e: f"In which country is {L(e)} located"),
+        "capital_alt": ("country", None, "capital", lambda e: f"What city is the capital of {L(e)}"),
+        "founder_alt": ("org", None, "founder", lambda e: f"Who was the founder of {L(e)}"),
+        "founded_alt": ("org", None, "founded", lambda e: f"In what year was {L(e)} founded"),
+        "hq_alt": ("org", None, "hq", lambda e: f"In which city is {L(e)} headquartered"),
+        "director_alt": ("film", None, "maker", lambda e: f"Who was the director of the film {L(e)}"),
+        "released_alt": ("film", None, "released", lambda e: f"In what year was {L(e)} released"),
+        "genre_alt": ("film", None, "genre", lambda e: f"What is the genre of {L(e)}"),
+        "author_alt": ("book", None, "maker", lambda e: f"Who was the author of {L(e)}"),
+        "published_alt": ("book", None, "published", lambda e: f"In which year was {L(e)} published"),
     },
     "triviaqa": {
         "birthplace": ("person", None, "birthplace", lambda e: f"Which city was {N(e)} born in?"),
@@ -596,7 +622,7 @@ def write_world(out: str | Path, cfg: WorldConfig) -> dict:
     if broken:
         raise WorldError(f"world seed {cfg.seed}, scale {cfg.scale} breaks the shortcut bounds (DESIGN §8a), "
                          "so nothing was written:\n  " + "\n  ".join(broken))
-    manifest = {"generator": "sapo-world/2", "config": asdict(cfg), "passages": len(world.passages),
+    manifest = {"generator": GENERATOR, "config": asdict(cfg), "passages": len(world.passages),
                 "files": {name: {"sha256": hashlib.sha256(text.encode()).hexdigest(), "lines": text.count("\n")}
                           for name, text in files.items()},
                 "shortcuts": shortcuts}
