@@ -41,7 +41,10 @@ def _setup(threads: int):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["experiment=micro_real", "retriever=bm25"])
     prepare_data(cfg)
-    retriever = build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True))
+    # In-process BM25 over the same corpus: micro_real's server is not running here, and what is
+    # measured is the model (its `retriever.url` would reach the BM25 retriever's settings).
+    retriever = build_retriever(**{k: v for k, v in OmegaConf.to_container(cfg.retriever, resolve=True).items()
+                                   if k != "url"})
     rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=True)
     model, tok = load_policy(cfg.model)
     return cfg, model, tok, retriever, rcfg

@@ -20,16 +20,15 @@ own scores (`zero_shot`, `zero_shot_rag`: scored before the supervised pass) amo
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from sapo_bench.baselines import corpus_titles, evaluate_baselines, naive_rag
 from sapo_bench.data import DATASETS, eval_split, load_split
 from sapo_bench.evaluate import evaluate_policy
-from sapo_bench.rewards import exact_match
 from sapo_bench.rollout import RolloutConfig
-from sapo_bench.warmstart import WarmStartConfig, cache_key, save_warm_start, sft, teacher_batch, teacher_questions
+from sapo_bench.warmstart import (Laps, WarmStartConfig, answer_em, cache_key, save_warm_start, sft, teacher_batch,
+                                  teacher_questions)
 
 log = logging.getLogger(__name__)
 # Part of the cache key (beside warmstart.FORMAT_VERSION): what this module computes.
@@ -60,12 +59,7 @@ def pretrained_warm_start(model_cfg, world_dir: str | Path, retriever, rcfg: Rol
         # The dtype of the base model's config: a run from the cache computes what a fresh one does.
         model, tokenizer = load_pretrained(str(target), dtype=model_cfg.get("dtype") or "float32")
         return model.eval(), tokenizer, json.loads((target / "warmstart.json").read_text())
-    times, last = {}, [time.perf_counter()]
-
-    def lap(what):
-        now = time.perf_counter()
-        times[what], last[0] = round(now - last[0], 1), now
-
+    lap = Laps()
     sets = {d: load_split(world_dir, d, eval_split(world_dir, d), limit=cfg.eval_limit) for d in DATASETS}
     # The pretrained model first, before the supervised pass changes its weights in place: the
     # paper's untuned rows (its prompt, free generation; one forced search with the question).
@@ -75,8 +69,7 @@ def pretrained_warm_start(model_cfg, world_dir: str | Path, retriever, rcfg: Rol
     titles = corpus_titles(world_dir / "corpus.jsonl")
     rows = teacher_questions(world_dir, cfg, seed)
     batch = teacher_batch(tokenizer, retriever, list(rows), titles, rcfg, cfg, seed)
-    teacher_em = sum(0.0 if a is None else exact_match(a, g)
-                     for a, g in zip(batch.answers, rows["golden_answers"])) / len(rows)
+    teacher_em = answer_em(batch, rows)
     lap("teacher_s")
     # `<answer>` is several tokens in a pretrained vocabulary: no answer-span weight (answer_id None).
     curve = sft(model, batch, cfg, seed, answer_id=None)
@@ -89,7 +82,7 @@ def pretrained_warm_start(model_cfg, world_dir: str | Path, retriever, rcfg: Rol
                                    rows["golden_answers"])
     report["baselines"] = {"zero_shot": zero_shot, "zero_shot_rag": zero_shot_rag, **baselines}
     lap("baselines_s")
-    report["time"], report["seconds"] = times, sum(times.values())
+    report["time"], report["seconds"] = lap.times, sum(lap.times.values())
     save_warm_start(model, tokenizer, report, target)
     log.info("SFT warm start %s: teacher EM %.3f, loss %s, test EM avg %.3f (zero-shot %.3f), %.0f s", name,
              teacher_em, [round(c, 3) for c in curve], report["test_em_avg"],

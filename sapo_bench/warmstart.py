@@ -263,6 +263,25 @@ def save_warm_start(model, tokenizer, report: dict, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+class Laps:
+    """Where a warm start's minutes go: `lap(name)` records the seconds since the previous lap
+    (warmstart.json's `time`, which the README's budget quotes)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name], self._last = round(now - self._last, 1), now
+
+
+def answer_em(batch, rows) -> float:
+    """EM of a rollout batch's answers against `rows`' golds (no answer scores 0): the teacher's
+    own score, below 1 only where its flaws say so."""
+    return sum(0.0 if a is None else exact_match(a, g) for a, g in zip(batch.answers, rows["golden_answers"])) / len(rows)
+
+
 def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutConfig, cfg: WarmStartConfig,
                seed: int = 0, cache_root: str | Path | None = None):
     """Return (model, tokenizer, report) for a warm-started micro model, from the cache when possible."""
@@ -280,16 +299,11 @@ def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutC
         model = AutoModelForCausalLM.from_pretrained(target)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(target)
         return model.eval(), tokenizer, json.loads((target / "warmstart.json").read_text())
-    times, last = {}, [time.perf_counter()]
-
-    def lap(name):  # where a warm start's minutes go, for the README's budget
-        now = time.perf_counter()
-        times[name], last[0] = round(now - last[0], 1), now
-
+    lap = Laps()
     titles = corpus_titles(world_dir / "corpus.jsonl")
     rows = teacher_questions(world_dir, cfg, seed)
     batch = teacher_batch(tokenizer, retriever, list(rows), titles, rcfg, cfg, seed)
-    teacher_em = sum(0.0 if a is None else exact_match(a, g) for a, g in zip(batch.answers, rows["golden_answers"])) / len(rows)
+    teacher_em = answer_em(batch, rows)
     lap("teacher_s")
     curve = sft(model, batch, cfg, seed, tokenizer.convert_tokens_to_ids("<answer>"))
     lap("sft_s")
@@ -302,7 +316,7 @@ def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutC
     report["baselines"] = evaluate_baselines(model, tokenizer, retriever, sets, rcfg, world_dir / "corpus.jsonl",
                                              rows["golden_answers"])
     lap("baselines_s")
-    report["time"], report["seconds"] = times, sum(times.values())
+    report["time"], report["seconds"] = lap.times, sum(lap.times.values())
     save_warm_start(model, tokenizer, report, target)
     log.info("warm start %s: teacher EM %.3f, SFT loss %s, test EM avg %.3f (%.0fs)", model_name, teacher_em,
              [round(c, 3) for c in curve], report["test_em_avg"], report["seconds"])

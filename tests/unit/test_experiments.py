@@ -52,6 +52,10 @@ def test_micro_experiments_cover_the_issue():
     assert stress[0].setting != "default" and stress[0].train.lr > default.train.lr
     n = stress[0].train.prompts_per_step * stress[0].train.group_size
     assert n // stress[0].train.mini_batch_size > n // default.train.mini_batch_size
+    # The micro default holds the policy near its warm start (β 0.3, conf/config.yaml says why); the
+    # stress test and the pretrained model keep the papers' 0.001, as the paper protocol does.
+    assert default.train.ref_kl_beta == 0.3
+    assert {c.train.ref_kl_beta for c in stress + cells("micro_real") + cells("paper_main")} == {0.001}
     assert {c.algo.name for c in cells("micro_stabilisers")} >= {"dr_grpo", "dapo", "gspo", "soft_gate", "ppo", "sapo"}
 
 
