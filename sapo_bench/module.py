@@ -547,7 +547,11 @@ class SearchAgentRLModule(L.LightningModule):
     def _eval_end(self, stage: str) -> dict:
         results = {}
         for name, scores in self._eval.items():
-            t = torch.tensor([[s[0], s[1], 1.0] for s in scores], device=self.device).sum(0)
+            # Summed as evaluate.evaluate_batches sums (Python floats, in order), in float64: the
+            # run's own test then equals sapo-eval's of its checkpoint exactly (float32 had rounded
+            # F1 in the 9th digit).
+            t = torch.tensor([sum(s[0] for s in scores), sum(s[1] for s in scores), float(len(scores))],
+                             dtype=torch.float64, device=self.device)
             t = self.trainer.strategy.reduce(t, reduce_op="sum")
             results[name] = {"em": float(t[0] / t[2]), "f1": float(t[1] / t[2]), "n": int(t[2])}
         self._eval = {}
