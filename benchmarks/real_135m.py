@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from sapo_bench.io import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("full", "checkpointing", "lora")
 
@@ -39,12 +41,11 @@ def _setup(threads: int):
     from sapo_bench.runtime import prepare_data
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["experiment=micro_real", "retriever=bm25"])
+        # In-process BM25 over the same corpus: micro_real's server is not running here, and what
+        # is measured is the model (its `retriever.url` would otherwise reach BM25's settings).
+        cfg = compose(config_name="config", overrides=["experiment=micro_real", "retriever=bm25", "~retriever.url"])
     prepare_data(cfg)
-    # In-process BM25 over the same corpus: micro_real's server is not running here, and what is
-    # measured is the model (its `retriever.url` would reach the BM25 retriever's settings).
-    retriever = build_retriever(**{k: v for k, v in OmegaConf.to_container(cfg.retriever, resolve=True).items()
-                                   if k != "url"})
+    retriever = build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True))
     rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=True)
     model, tok = load_policy(cfg.model)
     return cfg, model, tok, retriever, rcfg
@@ -141,10 +142,7 @@ def main() -> None:
                           "rss_mb_max": max(r["rss_mb"] for r in roll)}
     report = {"runs": runs, "summary": summary, "threads": a.threads,
               "note": "contended machine: other processes shared the 2 cores (README)"}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(a.out)
+    atomic_write_json(a.out, report)
     print(json.dumps(summary, indent=1))
 
 

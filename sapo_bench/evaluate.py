@@ -33,6 +33,17 @@ def score(answers: list[str | None], golds: list[list[str]]) -> list[tuple[float
     return [(0.0, 0.0) if a is None else (exact_match(a, g), f1_score(a, g)) for a, g in zip(answers, golds)]
 
 
+def score_totals(scores: list[tuple[float, float]]) -> tuple[float, float, int]:
+    """(EM sum, F1 sum, n): summed in order as Python floats, so that every path that scores a
+    set (sapo-eval here, a run's own validation and test in module.py) reports the same numbers."""
+    return sum(s[0] for s in scores), sum(s[1] for s in scores), len(scores)
+
+
+def em_avg(results: dict) -> float:
+    """The Avg column: the unweighted mean of each set's EM in a {dataset: {em, f1, n}} result."""
+    return sum(r["em"] for r in results.values()) / len(results)
+
+
 @torch.no_grad()
 def evaluate_batches(sets: dict, run_batch, batch_size: int = 64) -> dict:
     """{dataset: {em, f1, n}}: `run_batch(rows)` rolls out one batch of a set's rows (a
@@ -44,8 +55,8 @@ def evaluate_batches(sets: dict, run_batch, batch_size: int = 64) -> dict:
         for s in range(0, len(ds), batch_size):
             rows = ds.select(range(s, min(s + batch_size, len(ds))))
             scores += score(run_batch(rows).answers, rows["golden_answers"])
-        n = max(len(scores), 1)
-        out[name] = {"em": sum(s[0] for s in scores) / n, "f1": sum(s[1] for s in scores) / n, "n": len(scores)}
+        em, f1, n = score_totals(scores)
+        out[name] = {"em": em / max(n, 1), "f1": f1 / max(n, 1), "n": n}
     return out
 
 
@@ -91,7 +102,7 @@ def run_eval(cfg: DictConfig) -> dict:
     sets = load_eval(cfg.data.source, tuple(cfg.get("datasets") or DATASETS), limit=cfg.data.test_limit)
     test = evaluate_policy(model, tok, retriever, sets, rcfg, batch_size=cfg.eval.batch_size)
     result = {"model": cfg.model.name, "checkpoint": cfg.get("checkpoint"), "test": test,
-              "test_em_avg": sum(r["em"] for r in test.values()) / len(test), "wall_s": round(time.time() - start, 1)}
+              "test_em_avg": em_avg(test), "wall_s": round(time.time() - start, 1)}
     out = Path(cfg.out) if cfg.get("out") else (Path(cfg.checkpoint).parent if cfg.get("checkpoint") else Path(cfg.run_dir))
     atomic_write_json(out / "eval.json" if out.suffix != ".json" else out, result)
     return result

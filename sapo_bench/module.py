@@ -48,7 +48,7 @@ from torch import nn
 from sapo_bench.advantages import get_advantage
 from sapo_bench.algos import Algo
 from sapo_bench.diagnostics import SEQ_LEN_REF, isdd_metrics
-from sapo_bench.evaluate import score
+from sapo_bench.evaluate import em_avg, score, score_totals
 from sapo_bench.losses import Scope, entropy_bonus, policy_loss, ref_kl, value_loss
 from sapo_bench.rewards import get_metric
 from sapo_bench.rollout import (RolloutBatch, RolloutConfig, engine_exact_logp, make_engine, release_engine, rollout,
@@ -547,17 +547,15 @@ class SearchAgentRLModule(L.LightningModule):
     def _eval_end(self, stage: str) -> dict:
         results = {}
         for name, scores in self._eval.items():
-            # Summed as evaluate.evaluate_batches sums (Python floats, in order), in float64: the
-            # run's own test then equals sapo-eval's of its checkpoint exactly (float32 had rounded
-            # F1 in the 9th digit).
-            t = torch.tensor([sum(s[0] for s in scores), sum(s[1] for s in scores), float(len(scores))],
-                             dtype=torch.float64, device=self.device)
+            # float64: the run's own test then equals sapo-eval's of its checkpoint exactly (float32
+            # had rounded F1 in the 9th digit).
+            t = torch.tensor(score_totals(scores), dtype=torch.float64, device=self.device)
             t = self.trainer.strategy.reduce(t, reduce_op="sum")
             results[name] = {"em": float(t[0] / t[2]), "f1": float(t[1] / t[2]), "n": int(t[2])}
         self._eval = {}
         metrics = {f"{stage}/{m}/{d}": r[m] for d, r in results.items() for m in ("em", "f1")}
         if results:
-            metrics[f"{stage}/em"] = sum(r["em"] for r in results.values()) / len(results)
+            metrics[f"{stage}/em"] = em_avg(results)
             metrics["train/step"] = float(self.rollout_step)
         self.log_dict(metrics, batch_size=1, rank_zero_only=True)
         return results

@@ -19,13 +19,14 @@ own scores (`zero_shot`, `zero_shot_rag`: scored before the supervised pass) amo
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
 
 from sapo_bench.baselines import corpus_titles, evaluate_baselines, naive_rag
 from sapo_bench.data import DATASETS, eval_split, load_split
-from sapo_bench.evaluate import evaluate_policy
+from sapo_bench.evaluate import em_avg, evaluate_policy
 from sapo_bench.rollout import RolloutConfig
 from sapo_bench.warmstart import (Laps, WarmStartConfig, answer_em, cache_key, save_warm_start, sft, teacher_batch,
                                   teacher_questions)
@@ -54,8 +55,6 @@ def pretrained_warm_start(model_cfg, world_dir: str | Path, retriever, rcfg: Rol
     root = Path(cache_root) if cache_root else world_dir / ".cache"
     target = root / f"sft-{name}-{key}"
     if (target / "warmstart.json").exists():
-        import json
-
         # The dtype of the base model's config: a run from the cache computes what a fresh one does.
         model, tokenizer = load_pretrained(str(target), dtype=model_cfg.get("dtype") or "float32")
         return model.eval(), tokenizer, json.loads((target / "warmstart.json").read_text())
@@ -76,7 +75,7 @@ def pretrained_warm_start(model_cfg, world_dir: str | Path, retriever, rcfg: Rol
     lap("sft_s")
     report = {"model": name, "key": key, "seed": seed, "config": asdict(cfg), "teacher_em": teacher_em,
               "questions": len(rows), "sft_loss": curve, "test": evaluate_policy(model, tokenizer, retriever, sets, rcfg)}
-    report["test_em_avg"] = sum(r["em"] for r in report["test"].values()) / len(report["test"])
+    report["test_em_avg"] = em_avg(report["test"])
     lap("eval_s")
     baselines = evaluate_baselines(model, tokenizer, retriever, sets, rcfg, world_dir / "corpus.jsonl",
                                    rows["golden_answers"])
@@ -86,7 +85,7 @@ def pretrained_warm_start(model_cfg, world_dir: str | Path, retriever, rcfg: Rol
     save_warm_start(model, tokenizer, report, target)
     log.info("SFT warm start %s: teacher EM %.3f, loss %s, test EM avg %.3f (zero-shot %.3f), %.0f s", name,
              teacher_em, [round(c, 3) for c in curve], report["test_em_avg"],
-             sum(r["em"] for r in zero_shot.values()) / len(zero_shot), report["seconds"])
+             em_avg(zero_shot), report["seconds"])
     # Reloaded from what was saved: the run trains from the cached weights whether or not it built them.
     model, tokenizer = load_pretrained(str(target), dtype=model_cfg.get("dtype") or "float32")
     return model.eval(), tokenizer, report

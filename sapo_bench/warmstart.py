@@ -35,7 +35,7 @@ import torch
 from sapo_bench.data import DATASETS, TRAIN_MIX, eval_split, load_split, load_train_and_validation
 from sapo_bench.io import atomic_write_json
 from sapo_bench.baselines import corpus_titles, evaluate_baselines
-from sapo_bench.evaluate import evaluate_policy
+from sapo_bench.evaluate import em_avg, evaluate_policy
 from sapo_bench.rewards import exact_match
 from sapo_bench.rollout import RolloutConfig, ScriptedEngine, rollout
 from sapo_bench.settings import SettingError, check_int, check_number
@@ -310,7 +310,7 @@ def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutC
     sets = {d: load_split(world_dir, d, eval_split(world_dir, d), limit=cfg.eval_limit) for d in DATASETS}
     report = {"model": model_name, "key": key, "seed": seed, "config": asdict(cfg), "teacher_em": teacher_em,
               "questions": len(rows), "sft_loss": curve, "test": evaluate_policy(model, tokenizer, retriever, sets, rcfg)}
-    report["test_em_avg"] = sum(r["em"] for r in report["test"].values()) / len(report["test"])
+    report["test_em_avg"] = em_avg(report["test"])
     lap("eval_s")
     # Scored once per warm start, on the same questions: what trivial and ideal policies get here.
     report["baselines"] = evaluate_baselines(model, tokenizer, retriever, sets, rcfg, world_dir / "corpus.jsonl",
