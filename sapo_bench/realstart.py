@@ -67,10 +67,11 @@ def pretrained_warm_start(model_cfg, world_dir: str | Path, retriever, rcfg: Rol
     lap("zero_shot_s")
     titles = corpus_titles(world_dir / "corpus.jsonl")
     rows = teacher_questions(world_dir, cfg, seed)
-    batch = teacher_batch(tokenizer, retriever, list(rows), titles, rcfg, cfg, seed)
+    batch, _ = teacher_batch(tokenizer, retriever, list(rows), titles, rcfg, cfg, seed)
     teacher_em = answer_em(batch, rows)
     lap("teacher_s")
-    # `<answer>` is several tokens in a pretrained vocabulary: no answer-span weight (answer_id None).
+    # `<answer>` is several tokens in a pretrained vocabulary: no answer-span weight (answer_id None),
+    # and so no early answers left out either (warmstart.early_answer_loss acts on micro models only).
     curve = sft(model, batch, cfg, seed, answer_id=None)
     lap("sft_s")
     report = {"model": name, "key": key, "seed": seed, "config": asdict(cfg), "teacher_em": teacher_em,

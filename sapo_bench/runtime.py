@@ -152,24 +152,32 @@ def warmstart_config(cfg: DictConfig):
     return WarmStartConfig(**{**OmegaConf.to_container(cfg.warmstart, resolve=True), **own})
 
 
+def warm_start_tag(wcfg) -> str:
+    """A short hash of a warm start's settings: one lock per (model, settings)."""
+    from dataclasses import asdict
+
+    return hashlib.sha256(json.dumps(asdict(wcfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def load_policy_for(cfg: DictConfig, retriever, rcfg: RolloutConfig):
     """(model, tokenizer, warm-start report or None)."""
     if cfg.model.kind == "micro":
         # Lazy: the warm start imports the evaluation code, which imports this module.
         from sapo_bench.warmstart import warm_start
 
-        # Parallel runs of one model wait for the first to build its warm start, then load it.
-        with file_lock(Path(cfg.data.root) / ".cache" / f"warmstart-{cfg.model.name}.lock"):
-            return warm_start(cfg.model.name, cfg.data.root, retriever, rcfg, warmstart_config(cfg),
-                              seed=cfg.data.world_seed)
+        # Parallel runs of one model and warm-start settings wait for the first to build its warm
+        # start, then load it; runs of other settings (a sweep over warmstart.*) build theirs alongside.
+        wcfg = warmstart_config(cfg)
+        with file_lock(Path(cfg.data.root) / ".cache" / f"warmstart-{cfg.model.name}-{warm_start_tag(wcfg)}.lock"):
+            return warm_start(cfg.model.name, cfg.data.root, retriever, rcfg, wcfg, seed=cfg.data.world_seed)
     if cfg.get("sft_warmstart") and not cfg.get("checkpoint"):
         # A pretrained model fine-tuned on the teacher's trajectories first (experiment=micro_real;
         # sapo_bench/realstart.py). Not for sapo-eval of a checkpoint: its weights replace these.
         from sapo_bench.realstart import pretrained_warm_start
 
-        with file_lock(Path(cfg.data.root) / ".cache" / f"sft-{cfg.model.name}.lock"):
-            return pretrained_warm_start(cfg.model, cfg.data.root, retriever, rcfg, warmstart_config(cfg),
-                                         seed=cfg.data.world_seed)
+        wcfg = warmstart_config(cfg)
+        with file_lock(Path(cfg.data.root) / ".cache" / f"sft-{cfg.model.name}-{warm_start_tag(wcfg)}.lock"):
+            return pretrained_warm_start(cfg.model, cfg.data.root, retriever, rcfg, wcfg, seed=cfg.data.world_seed)
     from sapo_bench.models import load_policy
 
     model, tok = load_policy(cfg.model)
@@ -178,6 +186,21 @@ def load_policy_for(cfg: DictConfig, retriever, rcfg: RolloutConfig):
 
 class RunConflict(RuntimeError):
     """A run folder already holds a finished run of a different configuration."""
+
+
+def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
+    """A run folder's checkpoint is resumed only by the configuration that wrote it: run folders are
+    named by model, algorithm, setting and seed, not by every setting (a world seed, a warm-start
+    override), so a run of another configuration can land in the same folder and would otherwise
+    carry on from the first one's weights."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return
+    theirs, ours = config_hash(OmegaConf.load(path)), config_hash(cfg)
+    if theirs != ours:
+        raise RunConflict(f"{run_dir} holds an unfinished run of another configuration (config hash {theirs}, this "
+                          f"one is {ours}); its checkpoints are kept: move the folder away, or give this run another "
+                          "out_root or setting")
 
 
 def finished_result(run_dir: Path, cfg_hash: str) -> dict | None:

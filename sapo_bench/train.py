@@ -39,7 +39,7 @@ from sapo_bench.loggers import open_loggers, truncate
 from sapo_bench.module import SearchAgentRLModule, TrainConfig
 from sapo_bench.retrieval import build_retriever
 from sapo_bench.rollout import RolloutConfig
-from sapo_bench.runtime import (CONF_DIR, RetryingRetriever, config_hash, finished_result, git_commit,
+from sapo_bench.runtime import (CONF_DIR, RetryingRetriever, check_resumable, config_hash, finished_result, git_commit,
                                 load_policy_for, machine, prepare_data, run_configs, set_threads)
 
 log = logging.getLogger("sapo_bench")
@@ -128,6 +128,8 @@ def _train(cfg: DictConfig, run_dir: Path, loggers: list, algo: Algo, rcfg: Roll
     run_dir.mkdir(parents=True, exist_ok=True)
     # Before the expensive set-up: a run that cannot resume says so at once.
     last = resume_checkpoint(run_dir / "checkpoints", move_bad=rank_zero_only.rank == 0)
+    if last is not None:
+        check_resumable(run_dir, cfg)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     prepare_data(cfg)
     retriever = RetryingRetriever(build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True)))

@@ -83,6 +83,13 @@ class WarmStartConfig:
     # learn worse with it (world seed 0, qwen2-micro-1.3m: avg test EM 0.213 in bf16, 0.314 in fp32).
     # It may pay on a GPU.
     bf16: bool = False
+    # Whether the answers the teacher gives after stopping early (p_stop_early: the bridge entity,
+    # an answer of the wrong kind) are trained on. False keeps the decision to answer (the
+    # `<answer>` tag) and leaves out the wrong answer's tokens. Tried as the cause of what the early
+    # stops cost the warm start (qwen2-micro-1m, world v3, same init; avg test EM, seeds 0 / 2:
+    # p_stop_early 0: 0.351 / 0.280; 0.5: 0.203 / 0.157; 0.5 without the early answers: 0.159 /
+    # 0.173): it is not, so the default keeps them (README, Results).
+    early_answer_loss: bool = True
 
     def __post_init__(self):
         if self.questions is not None:
@@ -117,8 +124,9 @@ def _answer(text: str) -> str:
 
 
 def teacher_script(row: dict, titles: dict[str, str], all_titles: list[str], rng: random.Random,
-                   cfg: WarmStartConfig) -> list[str]:
-    """The turns the teacher writes for one question (imperfect only where cfg's flaws say so)."""
+                   cfg: WarmStartConfig) -> tuple[list[str], bool]:
+    """The turns the teacher writes for one question (imperfect only where cfg's flaws say so), and
+    whether it stopped early (answered a multi-hop question after its first hop)."""
     meta = json.loads(row["metadata"]) if isinstance(row["metadata"], str) else row["metadata"]
     chain = [titles[pid] for pid in meta["chain"]]
     # Search for the subject as the question writes it (a lower-cased question gets a lower-cased
@@ -129,30 +137,37 @@ def teacher_script(row: dict, titles: dict[str, str], all_titles: list[str], rng
     gold = row["golden_answers"][0]
     u = rng.random()
     if u < cfg.p_no_search:
-        return [_answer(rng.choice(all_titles))]
+        return [_answer(rng.choice(all_titles))], False
     if u < cfg.p_no_search + cfg.p_wrong_entity:
-        return [_search(rng.choice(all_titles)), _answer(rng.choice(all_titles))]
+        return [_search(rng.choice(all_titles)), _answer(rng.choice(all_titles))], False
     turns = [_search(chain[0])]
     if len(chain) > 1 and meta.get("type") != "comparison" and rng.random() < cfg.p_stop_early:
-        return turns + [_answer(chain[1])]
+        return turns + [_answer(chain[1])], True
     turns += [_search(t) for t in chain[1:]]
-    return turns + [_answer(gold)]
+    return turns + [_answer(gold)], False
 
 
 def teacher_batch(tokenizer, retriever, rows, titles, rcfg: RolloutConfig, cfg: WarmStartConfig, seed: int):
+    """The teacher's trajectories as a rollout batch, and a bool tensor: which of them stopped early."""
     rng = random.Random(f"teacher/{seed}")
     all_titles = list(titles.values())
-    scripts = [teacher_script(r, titles, all_titles, rng, cfg) for r in rows]
-    return rollout(ScriptedEngine(tokenizer, scripts), tokenizer, retriever, [r["question"] for r in rows], rcfg)
+    scripts, early = zip(*(teacher_script(r, titles, all_titles, rng, cfg) for r in rows))
+    batch = rollout(ScriptedEngine(tokenizer, list(scripts)), tokenizer, retriever, [r["question"] for r in rows], rcfg)
+    return batch, torch.tensor(early, dtype=torch.bool)
 
 
-def policy_weights(ids, mask, answer_id: int | None, answer_weight: float):
+def policy_weights(ids, mask, answer_id: int | None, answer_weight: float, silent=None):
     """Per-token weights of the policy loss: `mask`, times answer_weight from the policy's `<answer>`
-    token on (the answer span and its closing tag), a weighted mean's numerator."""
-    if answer_weight == 1.0 or answer_id is None:
+    token on (the answer span and its closing tag), a weighted mean's numerator. In the rows that
+    `silent` (bool, one per row) marks, the tokens after that `<answer>` tag weigh 0."""
+    if answer_id is None or (answer_weight == 1.0 and (silent is None or not silent.any())):
         return mask
-    answering = ((ids == answer_id) * mask).cumsum(-1) > 0
-    return mask * (1 + (answer_weight - 1) * answering)
+    tag = (ids == answer_id) * mask
+    answering = tag.cumsum(-1) > 0
+    w = mask * (1 + (answer_weight - 1) * answering)
+    if silent is not None:
+        w = w * ~(silent[:, None] & (tag.cumsum(-1) - tag > 0))
+    return w
 
 
 def frequent_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -161,10 +176,12 @@ def frequent_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> 
     return counts.argsort(descending=True, stable=True)[:k]
 
 
-def sft(model, batch, cfg: WarmStartConfig, seed: int, answer_id: int | None = None) -> list[float]:
+def sft(model, batch, cfg: WarmStartConfig, seed: int, answer_id: int | None = None, early=None) -> list[float]:
     """Cross-entropy on the generated (loss-mask) tokens, plus cfg.aux_lm times a language-model loss
     on the inserted passages, for cfg.epochs passes (a fraction runs part of the last); returns the
-    mean policy loss (generated tokens, answers weighted by cfg.answer_weight) of each pass."""
+    mean policy loss (generated tokens, answers weighted by cfg.answer_weight) of each pass.
+    `early` marks the trajectories that stopped early: their answers are left out unless
+    cfg.early_answer_loss."""
     from sapo_bench.module import token_logp
 
     gen = torch.Generator().manual_seed(seed)
@@ -178,6 +195,7 @@ def sft(model, batch, cfg: WarmStartConfig, seed: int, answer_id: int | None = N
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
     lengths = batch.attention_mask.sum(-1)
+    silent = early if early is not None and not cfg.early_answer_loss else None
     # The inserted passages and tool feedback: the response's tokens that the policy did not write.
     passages = torch.zeros_like(batch.loss_mask)
     for i, p in enumerate(batch.prompt_lens):
@@ -205,7 +223,7 @@ def sft(model, batch, cfg: WarmStartConfig, seed: int, answer_id: int | None = N
             obs = passages[idx, :width]
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logp, _, _ = token_logp(model, ids, att, mask=mask + obs if cfg.aux_lm > 0 else mask)
-            w = policy_weights(ids, mask, answer_id, cfg.answer_weight)
+            w = policy_weights(ids, mask, answer_id, cfg.answer_weight, None if silent is None else silent[idx])
             policy_loss = -(logp * w).sum() / w.sum().clamp(min=1)
             loss = policy_loss - cfg.aux_lm * masked_mean(logp, obs) if cfg.aux_lm > 0 else policy_loss
             opt.zero_grad()
@@ -215,6 +233,9 @@ def sft(model, batch, cfg: WarmStartConfig, seed: int, answer_id: int | None = N
             sched.step()
             losses.append(policy_loss.item())
             step += 1
+            if step % max(1, total // 10) == 0:  # a warm start runs for minutes: say how far it is
+                log.info("supervised pass: step %d of %d, policy loss %.3f (mean of this pass so far)", step, total,
+                         sum(losses) / len(losses))
         curve.append(sum(losses) / len(losses))
     model.eval()
     return curve
@@ -233,14 +254,18 @@ def teacher_questions(world_dir: str | Path, cfg: WarmStartConfig, seed: int = 0
 # evaluation agrees across engines (tests/vllm_backend). So the key leaves the engine fields out, and keeps
 # "backend" at "hf", its value when hf was the only engine, so that caches built then stay valid.
 ENGINE_FIELDS = ("backend", "fallback", "engine_options")
+# Settings added after FORMAT_VERSION 3, left out of the key at these values (what was computed
+# before they existed), so that the warm starts cached then stay valid.
+LATER_DEFAULTS = {"early_answer_loss": True}
 
 
 def cache_key(world_dir: Path, model_name: str, model_config: dict, tokenizer, rcfg: RolloutConfig,
               cfg: WarmStartConfig, seed: int) -> str:
     rollout = {k: v for k, v in asdict(rcfg).items() if k not in ENGINE_FIELDS} | {"backend": "hf"}
+    warmstart = {k: v for k, v in asdict(cfg).items() if not (k in LATER_DEFAULTS and LATER_DEFAULTS[k] == v)}
     blob = json.dumps({"world": hashlib.sha256((Path(world_dir) / "world.json").read_bytes()).hexdigest(),
                        "model": model_name, "config": model_config, "vocab": sorted(tokenizer.get_vocab().items()),
-                       "rollout": rollout, "warmstart": asdict(cfg), "seed": seed, "version": FORMAT_VERSION},
+                       "rollout": rollout, "warmstart": warmstart, "seed": seed, "version": FORMAT_VERSION},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -302,10 +327,10 @@ def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutC
     lap = Laps()
     titles = corpus_titles(world_dir / "corpus.jsonl")
     rows = teacher_questions(world_dir, cfg, seed)
-    batch = teacher_batch(tokenizer, retriever, list(rows), titles, rcfg, cfg, seed)
+    batch, early = teacher_batch(tokenizer, retriever, list(rows), titles, rcfg, cfg, seed)
     teacher_em = answer_em(batch, rows)
     lap("teacher_s")
-    curve = sft(model, batch, cfg, seed, tokenizer.convert_tokens_to_ids("<answer>"))
+    curve = sft(model, batch, cfg, seed, tokenizer.convert_tokens_to_ids("<answer>"), early)
     lap("sft_s")
     sets = {d: load_split(world_dir, d, eval_split(world_dir, d), limit=cfg.eval_limit) for d in DATASETS}
     report = {"model": model_name, "key": key, "seed": seed, "config": asdict(cfg), "teacher_em": teacher_em,

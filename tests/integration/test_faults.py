@@ -96,6 +96,22 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, wor
     assert (ckpts / "last.ckpt.bad").exists() and checkpoint_problem(ckpts / LAST) is None
 
 
+def test_an_unfinished_run_of_another_configuration_is_not_resumed(tmp_path, world, monkeypatch):
+    from sapo_bench.runtime import RunConflict
+
+    cfg = cfg_for(tmp_path, world)
+    run = Path(cfg.run_dir)
+    crash_run(cfg, monkeypatch, 1)
+    # The same folder (model, algorithm, setting, seed), another setting that the folder's name
+    # does not hold: it must not carry on from the first run's weights.
+    other = cfg_for(tmp_path, world, "train.lr=1e-4")
+    assert Path(other.run_dir) == run
+    with pytest.raises(RunConflict, match="unfinished run of another configuration"):
+        train(other)
+    assert (run / "checkpoints" / LAST).exists() and train_steps(run) == [1.0]  # nothing lost
+    assert train(cfg)["run"]["steps"] == 3  # its own configuration resumes it
+
+
 def test_no_usable_checkpoint_is_a_clear_error_and_moving_it_away_restarts(tmp_path, world, monkeypatch):
     cfg = cfg_for(tmp_path, world, steps=2)
     run = Path(cfg.run_dir)

@@ -49,3 +49,64 @@ def test_frequent_tokens_count_attended_positions_only():
     # attended: 5 x3, 6 x3, 7 x2; the padding id 0 (x8) does not count; ties go to the lower id
     assert frequent_tokens(ids, att, 2).tolist() == [5, 6]
     assert frequent_tokens(ids, att, 3).tolist() == [5, 6, 7]
+
+
+def test_policy_weights_leave_out_the_answer_after_the_tag_in_silent_rows_only():
+    import torch
+
+    from sapo_bench.warmstart import policy_weights
+
+    A = 9
+    ids = torch.tensor([[1, 2, A, 5, 6], [1, 2, A, 5, 6]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 1]], dtype=torch.float)
+    silent = torch.tensor([True, False])
+    # the silent row keeps its decision (the <answer> tag, weighted) and loses the answer after it
+    assert policy_weights(ids, mask, A, 4.0, silent).tolist() == [[0, 1, 4, 0, 0], [0, 1, 4, 4, 4]]
+    assert policy_weights(ids, mask, A, 1.0, silent).tolist() == [[0, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
+    assert policy_weights(ids, mask, A, 1.0, torch.tensor([False, False])) is mask
+
+
+def test_teacher_marks_exactly_the_trajectories_that_stop_after_the_first_hop(small_world, micro_tok, bm25):
+    import json
+
+    from sapo_bench.baselines import corpus_titles
+    from sapo_bench.rollout import RolloutConfig
+    from sapo_bench.warmstart import teacher_batch
+
+    cfg = WarmStartConfig(n_val=8, questions=60, p_stop_early=0.5)
+    rows = teacher_questions(small_world, cfg, seed=0)
+    batch, early = teacher_batch(micro_tok, bm25, list(rows), corpus_titles(small_world / "corpus.jsonl"),
+                                 RolloutConfig(template="micro"), cfg, seed=0)
+    hops = [len(json.loads(m)["chain"]) if isinstance(m, str) else len(m["chain"]) for m in rows["metadata"]]
+    assert early.shape == (len(rows),) and early.any()
+    for stopped, n_hops, searches in zip(early.tolist(), hops, batch.searches):
+        assert searches == (1 if stopped else n_hops)
+    assert not teacher_batch(micro_tok, bm25, list(rows), corpus_titles(small_world / "corpus.jsonl"),
+                             RolloutConfig(template="micro"), WarmStartConfig(n_val=8, questions=60), seed=0)[1].any()
+
+
+def test_cache_key_is_unchanged_by_a_later_setting_at_its_default_and_changed_otherwise(small_world, micro_tok):
+    from dataclasses import asdict
+
+    from sapo_bench.models import build_micro_model
+    from sapo_bench.rollout import RolloutConfig
+    from sapo_bench.warmstart import LATER_DEFAULTS, cache_key
+
+    model = build_micro_model("qwen2-micro-1m", micro_tok, 0)
+    rcfg = RolloutConfig(template="micro")
+
+    def key(cfg):
+        return cache_key(small_world, "qwen2-micro-1m", model.config.to_dict(), micro_tok, rcfg, cfg, 0)
+
+    cfg = WarmStartConfig()
+    assert set(LATER_DEFAULTS) <= set(asdict(cfg))
+    assert all(getattr(cfg, k) == v for k, v in LATER_DEFAULTS.items())
+    assert key(WarmStartConfig(early_answer_loss=False)) != key(cfg)
+
+
+def test_warm_start_lock_separates_settings_and_shares_equal_ones():
+    from sapo_bench.runtime import warm_start_tag
+
+    # one lock per (model, settings): a sweep over warmstart.* builds its warm starts side by side
+    assert warm_start_tag(WarmStartConfig()) == warm_start_tag(WarmStartConfig())
+    assert warm_start_tag(WarmStartConfig(p_stop_early=0.2)) != warm_start_tag(WarmStartConfig())
