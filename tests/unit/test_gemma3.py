@@ -7,27 +7,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from gguf_models import offline_gguf_model
 from sapo_bench import models, prompts
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # ~2 min alone; the suite's 600 s stopped it on a busy machine
 CFG = Path(__file__).resolve().parents[2] / "conf" / "model" / "gemma3-270m.yaml"
 
 
 @pytest.fixture(scope="module")
 def gemma3():
-    pytest.importorskip("gguf", reason="transformers reads GGUF through the gguf package: pip install gguf")
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF: pip install accelerate")
-    try:
-        models.gemma3_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("TRANSFORMERS_OFFLINE", "1")
-    try:
-        yield models.load_policy(OmegaConf.load(CFG))
-    finally:
-        mp.undo()
+    yield from offline_gguf_model(CFG, models.gemma3_gguf_path)
 
 
 def test_gemma3_is_a_270m_gemma3_with_the_base_template(gemma3):
