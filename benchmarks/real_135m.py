@@ -73,7 +73,7 @@ def measure(variant: str, threads: int, steps: int) -> dict:
         out.update(rollout_s=dt, generated_tokens=gen, tokens_per_s=gen / dt, episodes=len(qs),
                    inserted_tokens=int((batch.attention_mask.sum() - batch.loss_mask.sum()).item()))
     else:
-        batch = teacher_batch(tok, retriever, rows, corpus_titles(Path(cfg.data.corpus)), rcfg, wcfg, 0)
+        batch, _ = teacher_batch(tok, retriever, rows, corpus_titles(Path(cfg.data.corpus)), rcfg, wcfg, 0)
         if variant == "checkpointing":
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
