@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -154,8 +155,6 @@ def warmstart_config(cfg: DictConfig):
 
 def warm_start_tag(wcfg) -> str:
     """A short hash of a warm start's settings: one lock per (model, settings)."""
-    from dataclasses import asdict
-
     return hashlib.sha256(json.dumps(asdict(wcfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

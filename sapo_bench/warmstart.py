@@ -163,10 +163,10 @@ def policy_weights(ids, mask, answer_id: int | None, answer_weight: float, silen
     if answer_id is None or (answer_weight == 1.0 and (silent is None or not silent.any())):
         return mask
     tag = (ids == answer_id) * mask
-    answering = tag.cumsum(-1) > 0
-    w = mask * (1 + (answer_weight - 1) * answering)
+    seen = tag.cumsum(-1)
+    w = mask * (1 + (answer_weight - 1) * (seen > 0))
     if silent is not None:
-        w = w * ~(silent[:, None] & (tag.cumsum(-1) - tag > 0))
+        w = w * ~(silent[:, None] & (seen - tag > 0))
     return w
 
 
