@@ -27,7 +27,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -90,6 +90,11 @@ class WarmStartConfig:
     # p_stop_early 0: 0.351 / 0.280; 0.5: 0.203 / 0.157; 0.5 without the early answers: 0.159 /
     # 0.173): it is not, so the default keeps them (README, Results).
     early_answer_loss: bool = True
+    # The fraction of the supervised pass before which the teacher shows no early stops: until then
+    # the same questions are answered through the full chain, after it with p_stop_early's stops.
+    # Copying is learnt first (it appears after ~1,500 steps at 1M) and the decision to stop is left
+    # unsettled at the end, for RL to take up. 0: the stops throughout.
+    stop_early_from: float = 0.0
 
     def __post_init__(self):
         if self.questions is not None:
@@ -109,6 +114,7 @@ class WarmStartConfig:
         check_number("warmstart.aux_lm", self.aux_lm, minimum=0)
         check_number("warmstart.answer_weight", self.answer_weight, positive=True)
         check_int("warmstart.aux_skip_top", self.aux_skip_top, minimum=0)
+        check_number("warmstart.stop_early_from", self.stop_early_from, minimum=0, maximum=1)
 
 
 # No <think> text: the micro template does not ask for it and the reward ignores it. Measured on
@@ -176,34 +182,49 @@ def frequent_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> 
     return counts.argsort(descending=True, stable=True)[:k]
 
 
-def sft(model, batch, cfg: WarmStartConfig, seed: int, answer_id: int | None = None, early=None) -> list[float]:
+class _Sources:
+    """One teacher batch's tensors as the supervised pass reads them."""
+
+    def __init__(self, batch, cfg: WarmStartConfig, early=None):
+        self.ids, self.att, self.mask = batch.input_ids, batch.attention_mask, batch.loss_mask
+        self.lengths = batch.attention_mask.sum(-1)
+        self.silent = early if early is not None and not cfg.early_answer_loss else None
+        # The inserted passages and tool feedback: the response's tokens that the policy did not write.
+        passages = torch.zeros_like(batch.loss_mask)
+        for i, p in enumerate(batch.prompt_lens):
+            passages[i, p:] = 1.0
+        passages = passages * batch.attention_mask * (1 - batch.loss_mask)
+        if cfg.aux_skip_top:
+            passages = passages * ~torch.isin(batch.input_ids, frequent_tokens(batch.input_ids, batch.attention_mask,
+                                                                               cfg.aux_skip_top))
+        self.passages = passages
+
+
+def sft(model, batch, cfg: WarmStartConfig, seed: int, answer_id: int | None = None, early=None,
+        first=None) -> list[float]:
     """Cross-entropy on the generated (loss-mask) tokens, plus cfg.aux_lm times a language-model loss
     on the inserted passages, for cfg.epochs passes (a fraction runs part of the last); returns the
     mean policy loss (generated tokens, answers weighted by cfg.answer_weight) of each pass.
     `early` marks the trajectories that stopped early: their answers are left out unless
-    cfg.early_answer_loss."""
+    cfg.early_answer_loss. `first`, a teacher batch of the same questions in the same order, is
+    trained on instead of `batch` for the first cfg.stop_early_from of the steps."""
     from sapo_bench.module import token_logp
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     n = batch.input_ids.shape[0]
+    if first is not None and first.input_ids.shape[0] != n:
+        raise ValueError(f"sft: the first-phase batch has {first.input_ids.shape[0]} trajectories, the batch {n}")
     per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
     total = max(1, round(cfg.epochs * per_epoch))
+    switch = round(cfg.stop_early_from * total) if first is not None else 0
     warm = max(1, min(cfg.warmup_steps, total // 10))
     # Linear warm-up, then cosine to zero: copying appears late (after ~1,000 steps at 1M), so the
     # rate stays high for long and is annealed only at the end.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
-    lengths = batch.attention_mask.sum(-1)
-    silent = early if early is not None and not cfg.early_answer_loss else None
-    # The inserted passages and tool feedback: the response's tokens that the policy did not write.
-    passages = torch.zeros_like(batch.loss_mask)
-    for i, p in enumerate(batch.prompt_lens):
-        passages[i, p:] = 1.0
-    passages = passages * batch.attention_mask * (1 - batch.loss_mask)
-    if cfg.aux_skip_top:
-        passages = passages * ~torch.isin(batch.input_ids, frequent_tokens(batch.input_ids, batch.attention_mask,
-                                                                           cfg.aux_skip_top))
+    late = _Sources(batch, cfg, early)
+    sources = _Sources(first, cfg) if switch else late
     model.train()
     device_type = next(model.parameters()).device.type
     curve, step = [], 0
@@ -213,17 +234,19 @@ def sft(model, batch, cfg: WarmStartConfig, seed: int, answer_id: int | None = N
         # padding to the longest of each batch; bucketing trains 1.7x more sequences per second at 1
         # thread (measured on qwen2-micro-1m, batch 8: 164 vs 273 ms per step).
         order = torch.randperm(n, generator=gen)
-        order = torch.cat([w[lengths[w].argsort(stable=True)] for w in order.split(16 * cfg.batch_size)])
+        order = torch.cat([w[sources.lengths[w].argsort(stable=True)] for w in order.split(16 * cfg.batch_size)])
         batches = list(order.split(cfg.batch_size))
         losses = []
         for b in torch.randperm(len(batches), generator=gen).tolist()[:total - step]:
-            idx = batches[b]
-            width = int(lengths[idx].max())
-            ids, att, mask = batch.input_ids[idx, :width], batch.attention_mask[idx, :width], batch.loss_mask[idx, :width]
-            obs = passages[idx, :width]
+            if step == switch:
+                sources = late
+            src, idx = sources, batches[b]
+            width = int(src.lengths[idx].max())
+            ids, att, mask = src.ids[idx, :width], src.att[idx, :width], src.mask[idx, :width]
+            obs = src.passages[idx, :width]
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logp, _, _ = token_logp(model, ids, att, mask=mask + obs if cfg.aux_lm > 0 else mask)
-            w = policy_weights(ids, mask, answer_id, cfg.answer_weight, None if silent is None else silent[idx])
+            w = policy_weights(ids, mask, answer_id, cfg.answer_weight, None if src.silent is None else src.silent[idx])
             policy_loss = -(logp * w).sum() / w.sum().clamp(min=1)
             loss = policy_loss - cfg.aux_lm * masked_mean(logp, obs) if cfg.aux_lm > 0 else policy_loss
             opt.zero_grad()
@@ -256,7 +279,7 @@ def teacher_questions(world_dir: str | Path, cfg: WarmStartConfig, seed: int = 0
 ENGINE_FIELDS = ("backend", "fallback", "engine_options")
 # Settings added after FORMAT_VERSION 3, left out of the key at these values (what was computed
 # before they existed), so that the warm starts cached then stay valid.
-LATER_DEFAULTS = {"early_answer_loss": True}
+LATER_DEFAULTS = {"early_answer_loss": True, "stop_early_from": 0.0}
 
 
 def cache_key(world_dir: Path, model_name: str, model_config: dict, tokenizer, rcfg: RolloutConfig,
@@ -329,8 +352,13 @@ def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutC
     rows = teacher_questions(world_dir, cfg, seed)
     batch, early = teacher_batch(tokenizer, retriever, list(rows), titles, rcfg, cfg, seed)
     teacher_em = answer_em(batch, rows)
+    # The same questions through their full chains (the same draws, none of them a stop), for the
+    # first part of the pass.
+    first = None
+    if cfg.stop_early_from > 0 and early.any():
+        first, _ = teacher_batch(tokenizer, retriever, list(rows), titles, rcfg, replace(cfg, p_stop_early=0.0), seed)
     lap("teacher_s")
-    curve = sft(model, batch, cfg, seed, tokenizer.convert_tokens_to_ids("<answer>"), early)
+    curve = sft(model, batch, cfg, seed, tokenizer.convert_tokens_to_ids("<answer>"), early, first)
     lap("sft_s")
     sets = {d: load_split(world_dir, d, eval_split(world_dir, d), limit=cfg.eval_limit) for d in DATASETS}
     report = {"model": model_name, "key": key, "seed": seed, "config": asdict(cfg), "teacher_em": teacher_em,

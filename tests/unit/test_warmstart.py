@@ -1,5 +1,7 @@
 """The warm start's teacher questions: exactly the runs' train set, never a held-out question."""
 
+import torch
+
 from sapo_bench.data import DATASETS, TRAIN_MIX, eval_split, load_eval, load_split, load_train_and_validation
 from sapo_bench.warmstart import WarmStartConfig, teacher_questions
 
@@ -102,6 +104,7 @@ def test_cache_key_is_unchanged_by_a_later_setting_at_its_default_and_changed_ot
     assert set(LATER_DEFAULTS) <= set(asdict(cfg))
     assert all(getattr(cfg, k) == v for k, v in LATER_DEFAULTS.items())
     assert key(WarmStartConfig(early_answer_loss=False)) != key(cfg)
+    assert key(WarmStartConfig(stop_early_from=0.8)) != key(cfg)
 
 
 def test_warm_start_lock_separates_settings_and_shares_equal_ones():
@@ -110,3 +113,53 @@ def test_warm_start_lock_separates_settings_and_shares_equal_ones():
     # one lock per (model, settings): a sweep over warmstart.* builds its warm starts side by side
     assert warm_start_tag(WarmStartConfig()) == warm_start_tag(WarmStartConfig())
     assert warm_start_tag(WarmStartConfig(p_stop_early=0.2)) != warm_start_tag(WarmStartConfig())
+
+
+def test_full_chain_batch_differs_from_the_stopping_one_only_where_the_teacher_stopped(small_world, micro_tok, bm25):
+    from dataclasses import replace
+
+    from sapo_bench.baselines import corpus_titles
+    from sapo_bench.rollout import RolloutConfig
+    from sapo_bench.warmstart import teacher_batch
+
+    cfg = WarmStartConfig(n_val=8, questions=60, p_stop_early=0.5, stop_early_from=0.5)
+    rows, titles, rcfg = list(teacher_questions(small_world, cfg, seed=0)), corpus_titles(small_world / "corpus.jsonl"), \
+        RolloutConfig(template="micro")
+    late, early = teacher_batch(micro_tok, bm25, rows, titles, rcfg, cfg, seed=0)
+    first, none = teacher_batch(micro_tok, bm25, rows, titles, rcfg, replace(cfg, p_stop_early=0.0), seed=0)
+    assert early.any() and not none.any()
+    for i, stopped in enumerate(early.tolist()):
+        a, b = late.input_ids[i][late.attention_mask[i].bool()], first.input_ids[i][first.attention_mask[i].bool()]
+        assert (late.searches[i] < first.searches[i]) == stopped
+        assert stopped or a.tolist() == b.tolist()
+
+
+def _sft_weights(small_world, micro_tok, bm25, cfg, use_first: bool, first_is_late: bool = False):
+    from dataclasses import replace
+
+    from sapo_bench.baselines import corpus_titles
+    from sapo_bench.models import build_micro_model
+    from sapo_bench.rollout import RolloutConfig
+    from sapo_bench.warmstart import sft, teacher_batch
+
+    rows, titles, rcfg = list(teacher_questions(small_world, cfg, seed=0)), corpus_titles(small_world / "corpus.jsonl"), \
+        RolloutConfig(template="micro")
+    late, early = teacher_batch(micro_tok, bm25, rows, titles, rcfg, cfg, seed=0)
+    full, _ = teacher_batch(micro_tok, bm25, rows, titles, rcfg, replace(cfg, p_stop_early=0.0), seed=0)
+    model = build_micro_model("qwen2-micro-1m", micro_tok, 0)
+    sft(model, full if first_is_late else late, cfg, 0, micro_tok.convert_tokens_to_ids("<answer>"), early,
+        full if use_first else None)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_sft_trains_on_the_full_chains_before_stop_early_from_and_on_the_stops_after(small_world, micro_tok, bm25):
+    base = dict(n_val=8, questions=24, p_stop_early=0.5, epochs=1.0, batch_size=4, warmup_steps=1)
+    stops = _sft_weights(small_world, micro_tok, bm25, WarmStartConfig(**base), use_first=False)
+    full = _sft_weights(small_world, micro_tok, bm25, WarmStartConfig(**base), use_first=False, first_is_late=True)
+    # the whole pass on the full chains is the pass on a full-chain batch; none of it, the plain pass
+    assert torch.equal(_sft_weights(small_world, micro_tok, bm25, WarmStartConfig(**base, stop_early_from=1.0),
+                                    use_first=True), full)
+    assert torch.equal(_sft_weights(small_world, micro_tok, bm25, WarmStartConfig(**base, stop_early_from=0.0),
+                                    use_first=True), stops)
+    half = _sft_weights(small_world, micro_tok, bm25, WarmStartConfig(**base, stop_early_from=0.5), use_first=True)
+    assert not torch.equal(half, stops) and not torch.equal(half, full)
