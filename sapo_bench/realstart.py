@@ -28,7 +28,7 @@ from sapo_bench.baselines import corpus_titles, evaluate_baselines, naive_rag
 from sapo_bench.data import DATASETS, eval_split, load_split
 from sapo_bench.evaluate import em_avg, evaluate_policy
 from sapo_bench.rollout import RolloutConfig
-from sapo_bench.warmstart import (Laps, WarmStartConfig, answer_em, cache_key, save_warm_start, sft, teacher_batch,
+from sapo_bench.warmstart import (Laps, WarmStartConfig, answer_em, cache_key, save_warm_start, sft, teacher_batches,
                                   teacher_questions)
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,12 @@ def pretrained_warm_start(model_cfg, world_dir: str | Path, retriever, rcfg: Rol
     lap("zero_shot_s")
     titles = corpus_titles(world_dir / "corpus.jsonl")
     rows = teacher_questions(world_dir, cfg, seed)
-    batch, _ = teacher_batch(tokenizer, retriever, list(rows), titles, rcfg, cfg, seed)
+    batch, _, first = teacher_batches(tokenizer, retriever, list(rows), titles, rcfg, cfg, seed)
     teacher_em = answer_em(batch, rows)
     lap("teacher_s")
     # `<answer>` is several tokens in a pretrained vocabulary: no answer-span weight (answer_id None),
     # and so no early answers left out either (warmstart.early_answer_loss acts on micro models only).
-    curve = sft(model, batch, cfg, seed, answer_id=None)
+    curve = sft(model, batch, cfg, seed, answer_id=None, first=first)
     lap("sft_s")
     report = {"model": name, "key": key, "seed": seed, "config": asdict(cfg), "teacher_em": teacher_em,
               "questions": len(rows), "sft_loss": curve, "test": evaluate_policy(model, tokenizer, retriever, sets, rcfg)}

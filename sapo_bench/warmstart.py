@@ -162,6 +162,17 @@ def teacher_batch(tokenizer, retriever, rows, titles, rcfg: RolloutConfig, cfg: 
     return batch, torch.tensor(early, dtype=torch.bool)
 
 
+def teacher_batches(tokenizer, retriever, rows, titles, rcfg: RolloutConfig, cfg: WarmStartConfig, seed: int):
+    """teacher_batch's (batch, early), and the batch that sft trains on before cfg.stop_early_from:
+    the same questions through their full chains (the same draws, none of them a stop); None where
+    there is no such first part."""
+    batch, early = teacher_batch(tokenizer, retriever, rows, titles, rcfg, cfg, seed)
+    first = None
+    if cfg.stop_early_from > 0 and early.any():
+        first, _ = teacher_batch(tokenizer, retriever, rows, titles, rcfg, replace(cfg, p_stop_early=0.0), seed)
+    return batch, early, first
+
+
 def policy_weights(ids, mask, answer_id: int | None, answer_weight: float, silent=None):
     """Per-token weights of the policy loss: `mask`, times answer_weight from the policy's `<answer>`
     token on (the answer span and its closing tag), a weighted mean's numerator. In the rows that
@@ -350,13 +361,8 @@ def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutC
     lap = Laps()
     titles = corpus_titles(world_dir / "corpus.jsonl")
     rows = teacher_questions(world_dir, cfg, seed)
-    batch, early = teacher_batch(tokenizer, retriever, list(rows), titles, rcfg, cfg, seed)
+    batch, early, first = teacher_batches(tokenizer, retriever, list(rows), titles, rcfg, cfg, seed)
     teacher_em = answer_em(batch, rows)
-    # The same questions through their full chains (the same draws, none of them a stop), for the
-    # first part of the pass.
-    first = None
-    if cfg.stop_early_from > 0 and early.any():
-        first, _ = teacher_batch(tokenizer, retriever, list(rows), titles, rcfg, replace(cfg, p_stop_early=0.0), seed)
     lap("teacher_s")
     curve = sft(model, batch, cfg, seed, tokenizer.convert_tokens_to_ids("<answer>"), early, first)
     lap("sft_s")
