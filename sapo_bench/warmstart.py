@@ -9,7 +9,9 @@ The teacher can be made imperfect (all off by default: the student's limited cap
 leaves it well below the teacher, and the oracle baseline row measures that headroom):
 * `p_no_search`: answers at once with a guess (some other entity's name);
 * `p_wrong_entity`: searches a distractor entity and answers from it;
-* `p_stop_early`: on multi-hop questions, answers after the first hop with the bridge entity.
+* `p_stop_early`: on multi-hop questions, answers after the first hop with the bridge entity;
+  with `stop_early_from`, only in the last part of the supervised pass (the same questions go
+  through their full chains before it).
 
 Warm starts are cached by a hash of everything that determines them (world, model, tokenizer,
 this config, seed, format version); the cache holds the model, the tokenizer and warmstart.json
