@@ -115,51 +115,41 @@ def test_warm_start_lock_separates_settings_and_shares_equal_ones():
     assert warm_start_tag(WarmStartConfig(p_stop_early=0.2)) != warm_start_tag(WarmStartConfig())
 
 
-def test_full_chain_batch_differs_from_the_stopping_one_only_where_the_teacher_stopped(small_world, micro_tok, bm25):
-    from dataclasses import replace
-
+def _teacher_batches(small_world, micro_tok, bm25, cfg):
     from sapo_bench.baselines import corpus_titles
     from sapo_bench.rollout import RolloutConfig
-    from sapo_bench.warmstart import teacher_batch
+    from sapo_bench.warmstart import teacher_batches
 
+    rows = list(teacher_questions(small_world, cfg, seed=0))
+    return teacher_batches(micro_tok, bm25, rows, corpus_titles(small_world / "corpus.jsonl"),
+                           RolloutConfig(template="micro"), cfg, seed=0)
+
+
+def test_full_chain_batch_differs_from_the_stopping_one_only_where_the_teacher_stopped(small_world, micro_tok, bm25):
     cfg = WarmStartConfig(n_val=8, questions=60, p_stop_early=0.5, stop_early_from=0.5)
-    rows, titles, rcfg = list(teacher_questions(small_world, cfg, seed=0)), corpus_titles(small_world / "corpus.jsonl"), \
-        RolloutConfig(template="micro")
-    late, early = teacher_batch(micro_tok, bm25, rows, titles, rcfg, cfg, seed=0)
-    first, none = teacher_batch(micro_tok, bm25, rows, titles, rcfg, replace(cfg, p_stop_early=0.0), seed=0)
-    assert early.any() and not none.any()
+    late, early, first = _teacher_batches(small_world, micro_tok, bm25, cfg)
+    assert early.any() and first is not None
     for i, stopped in enumerate(early.tolist()):
         a, b = late.input_ids[i][late.attention_mask[i].bool()], first.input_ids[i][first.attention_mask[i].bool()]
         assert (late.searches[i] < first.searches[i]) == stopped
         assert stopped or a.tolist() == b.tolist()
 
 
-def _sft_weights(small_world, micro_tok, bm25, cfg, use_first: bool, first_is_late: bool = False):
-    from dataclasses import replace
-
-    from sapo_bench.baselines import corpus_titles
-    from sapo_bench.models import build_micro_model
-    from sapo_bench.rollout import RolloutConfig
-    from sapo_bench.warmstart import sft, teacher_batch
-
-    rows, titles, rcfg = list(teacher_questions(small_world, cfg, seed=0)), corpus_titles(small_world / "corpus.jsonl"), \
-        RolloutConfig(template="micro")
-    late, early = teacher_batch(micro_tok, bm25, rows, titles, rcfg, cfg, seed=0)
-    full, _ = teacher_batch(micro_tok, bm25, rows, titles, rcfg, replace(cfg, p_stop_early=0.0), seed=0)
-    model = build_micro_model("qwen2-micro-1m", micro_tok, 0)
-    sft(model, full if first_is_late else late, cfg, 0, micro_tok.convert_tokens_to_ids("<answer>"), early,
-        full if use_first else None)
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
 def test_sft_trains_on_the_full_chains_before_stop_early_from_and_on_the_stops_after(small_world, micro_tok, bm25):
+    from sapo_bench.models import build_micro_model
+    from sapo_bench.warmstart import sft
+
     base = dict(n_val=8, questions=24, p_stop_early=0.5, epochs=1.0, batch_size=4, warmup_steps=1)
-    stops = _sft_weights(small_world, micro_tok, bm25, WarmStartConfig(**base), use_first=False)
-    full = _sft_weights(small_world, micro_tok, bm25, WarmStartConfig(**base), use_first=False, first_is_late=True)
+    late, early, full = _teacher_batches(small_world, micro_tok, bm25, WarmStartConfig(**base, stop_early_from=0.5))
+
+    def trained(batch, first=None, **over):
+        model = build_micro_model("qwen2-micro-1m", micro_tok, 0)
+        sft(model, batch, WarmStartConfig(**base, **over), 0, micro_tok.convert_tokens_to_ids("<answer>"), early, first)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    stops, whole = trained(late), trained(full)
     # the whole pass on the full chains is the pass on a full-chain batch; none of it, the plain pass
-    assert torch.equal(_sft_weights(small_world, micro_tok, bm25, WarmStartConfig(**base, stop_early_from=1.0),
-                                    use_first=True), full)
-    assert torch.equal(_sft_weights(small_world, micro_tok, bm25, WarmStartConfig(**base, stop_early_from=0.0),
-                                    use_first=True), stops)
-    half = _sft_weights(small_world, micro_tok, bm25, WarmStartConfig(**base, stop_early_from=0.5), use_first=True)
-    assert not torch.equal(half, stops) and not torch.equal(half, full)
+    assert torch.equal(trained(late, full, stop_early_from=1.0), whole)
+    assert torch.equal(trained(late, full, stop_early_from=0.0), stops)
+    half = trained(late, full, stop_early_from=0.5)
+    assert not torch.equal(half, stops) and not torch.equal(half, whole)
