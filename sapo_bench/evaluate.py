@@ -82,7 +82,6 @@ def _policy(cfg: DictConfig, retriever, rcfg: RolloutConfig):
         run_cfg = run_config(ckpt)
         if run_cfg is not None:  # evaluate the run's own model, whatever model= says
             cfg = OmegaConf.merge(cfg, {"model": run_cfg.model})
-    prepare_data(cfg)
     model, tok, _ = load_policy_for(cfg, retriever, rcfg)
     if ckpt:
         load_policy_weights(model, ckpt)
@@ -96,6 +95,7 @@ def run_eval(cfg: DictConfig) -> dict:
     if cfg.get("checkpoint") and not Path(cfg.checkpoint).is_dir():
         check_checkpoint(cfg.checkpoint)  # before the retriever and the policy are built
     set_threads(cfg)
+    prepare_data(cfg)  # the retriever reads the world's corpus: a world seed never used before is written now
     rcfg = RolloutConfig(**OmegaConf.to_container(cfg.rollout, resolve=True), chat_template=bool(cfg.model.chat_template))
     retriever = RetryingRetriever(build_retriever(**OmegaConf.to_container(cfg.retriever, resolve=True)))
     model, tok = _policy(cfg, retriever, rcfg)

@@ -85,6 +85,17 @@ def test_a_tiny_run_end_to_end(tmp_path, algo):
     assert json.loads((tmp_path / "eval.json").read_text())["test"] == evaluated["test"] == saved["test"]
 
 
+def test_sapo_eval_writes_a_world_it_has_not_seen_and_scores_its_warm_start(tmp_path):
+    # The retriever reads the world's corpus, so the world is written before it is built.
+    cfg = tiny_cfg(tmp_path)
+    cfg.out = str(tmp_path / "eval.json")
+    assert not (tmp_path / "world").exists()
+    evaluated = run_eval(cfg)
+    assert (tmp_path / "world" / "world.json").exists()
+    assert set(evaluated["test"]) == {"nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle"}
+    assert json.loads((tmp_path / "eval.json").read_text())["test"] == evaluated["test"]
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     steps = 4
