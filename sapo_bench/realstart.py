@@ -28,6 +28,7 @@ from sapo_bench.baselines import corpus_titles, evaluate_baselines, naive_rag
 from sapo_bench.data import DATASETS, eval_split, load_split
 from sapo_bench.evaluate import em_avg, evaluate_policy
 from sapo_bench.rollout import RolloutConfig
+from sapo_bench.settings import SettingError
 from sapo_bench.warmstart import (Laps, WarmStartConfig, answer_em, cache_key, save_warm_start, sft, teacher_batches,
                                   teacher_questions)
 
@@ -48,6 +49,9 @@ def pretrained_warm_start(model_cfg, world_dir: str | Path, retriever, rcfg: Rol
     fine-tuned on the teacher's trajectories, from the cache when possible."""
     from sapo_bench.models import load_policy, load_pretrained
 
+    if cfg.inits != 1:  # a pretrained model has one init: there is nothing to choose among
+        raise SettingError(f"warmstart.inits={cfg.inits} applies to micro models only; a pretrained model's SFT "
+                           "warm start has one init (warmstart.inits=1)")
     world_dir = Path(world_dir)
     model, tokenizer = load_policy(model_cfg)
     name = model_cfg["name"]

@@ -97,6 +97,11 @@ class WarmStartConfig:
     # Copying is learnt first (it appears after ~1,500 steps at 1M) and the decision to stop is left
     # unsettled at the end, for RL to take up. 0: the stops throughout.
     stop_early_from: float = 0.0
+    # Independent warm starts to build (init seeds seed, seed + 1000, ...), keeping the one with the
+    # best EM on the runs' validation questions (never on test). At 1M parameters whether the copying
+    # is learnt depends on the init (README, Results): k draws cost k times as much and make a
+    # backbone's row a statement about the recipe's better draws. 1: the one warm start.
+    inits: int = 1
 
     def __post_init__(self):
         if self.questions is not None:
@@ -117,6 +122,10 @@ class WarmStartConfig:
         check_number("warmstart.answer_weight", self.answer_weight, positive=True)
         check_int("warmstart.aux_skip_top", self.aux_skip_top, minimum=0)
         check_number("warmstart.stop_early_from", self.stop_early_from, minimum=0, maximum=1)
+        check_int("warmstart.inits", self.inits)
+        if self.inits > 1 and self.n_val < 1:
+            raise SettingError(f"warmstart.inits={self.inits} chooses by validation EM: warmstart.n_val must be at "
+                               "least 1, got 0")
 
 
 # No <think> text: the micro template does not ask for it and the reward ignores it. Measured on
@@ -292,7 +301,10 @@ def teacher_questions(world_dir: str | Path, cfg: WarmStartConfig, seed: int = 0
 ENGINE_FIELDS = ("backend", "fallback", "engine_options")
 # Settings added after FORMAT_VERSION 3, left out of the key at these values (what was computed
 # before they existed), so that the warm starts cached then stay valid.
-LATER_DEFAULTS = {"early_answer_loss": True, "stop_early_from": 0.0}
+LATER_DEFAULTS = {"early_answer_loss": True, "stop_early_from": 0.0, "inits": 1}
+# The candidates of warmstart.inits > 1: the first is the warm start that inits=1 builds (its cache
+# is reused), the others are drawn `INIT_STRIDE` apart so that no world seed's own draw is among them.
+INIT_STRIDE = 1000
 
 
 def cache_key(world_dir: Path, model_name: str, model_config: dict, tokenizer, rcfg: RolloutConfig,
@@ -351,6 +363,8 @@ def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutC
     from sapo_bench.models import build_micro_model, micro_tokenizer
 
     world_dir = Path(world_dir)
+    if cfg.inits > 1:
+        return best_of_inits(model_name, world_dir, retriever, rcfg, cfg, seed, cache_root)
     tokenizer = micro_tokenizer(world_dir)
     model = build_micro_model(model_name, tokenizer, seed)
     key = cache_key(world_dir, model_name, model.config.to_dict(), tokenizer, rcfg, cfg, seed)
@@ -382,3 +396,35 @@ def warm_start(model_name: str, world_dir: str | Path, retriever, rcfg: RolloutC
     log.info("warm start %s: teacher EM %.3f, SFT loss %s, test EM avg %.3f (%.0fs)", model_name, teacher_em,
              [round(c, 3) for c in curve], report["test_em_avg"], report["seconds"])
     return model, tokenizer, report
+
+
+def best_of_inits(model_name: str, world_dir: Path, retriever, rcfg: RolloutConfig, cfg: WarmStartConfig,
+                  seed: int, cache_root: str | Path | None = None):
+    """warm_start's (model, tokenizer, report) for the best of cfg.inits warm starts by validation EM
+    (the first wins a tie). Each candidate is an ordinary warm start, cached by its own key; the
+    choice is cached beside them. The report is the chosen one's, with `inits`: every candidate's
+    seed, validation EM and test EM (the test EM is reported, never used to choose)."""
+    from sapo_bench.models import build_micro_model, micro_tokenizer
+
+    one = replace(cfg, inits=1)
+    tokenizer = micro_tokenizer(world_dir)
+    config = build_micro_model(model_name, tokenizer, seed).config.to_dict()
+    root = Path(cache_root) if cache_root else world_dir / ".cache"
+    choice = root / f"warmstart-{model_name}-{cache_key(world_dir, model_name, config, tokenizer, rcfg, cfg, seed)}.json"
+    if choice.exists():
+        picked = json.loads(choice.read_text())
+        model, tokenizer, report = warm_start(model_name, world_dir, retriever, rcfg, one, picked["seed"], cache_root)
+        return model, tokenizer, {**report, "inits": picked["inits"]}
+    _, val = load_train_and_validation(world_dir, TRAIN_MIX, n_val=cfg.n_val)
+    candidates, best = [], None
+    for i in range(cfg.inits):
+        s = seed + INIT_STRIDE * i
+        model, tokenizer, report = warm_start(model_name, world_dir, retriever, rcfg, one, s, cache_root)
+        val_em = em_avg(evaluate_policy(model, tokenizer, retriever, val, rcfg))
+        candidates.append({"seed": s, "key": report["key"], "val_em": val_em, "test_em_avg": report["test_em_avg"]})
+        log.info("warm start %s, init %d of %d (seed %d): validation EM %.3f", model_name, i + 1, cfg.inits, s, val_em)
+        if best is None or val_em > best[0]:
+            best = (val_em, s, model, tokenizer, report)
+    _, chosen, model, tokenizer, report = best
+    atomic_write_json(choice, {"seed": chosen, "inits": candidates})
+    return model, tokenizer, {**report, "inits": candidates}

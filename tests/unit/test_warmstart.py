@@ -1,5 +1,7 @@
 """The warm start's teacher questions: exactly the runs' train set, never a held-out question."""
 
+from dataclasses import replace
+
 import torch
 
 from sapo_bench.data import DATASETS, TRAIN_MIX, eval_split, load_eval, load_split, load_train_and_validation
@@ -105,6 +107,7 @@ def test_cache_key_is_unchanged_by_a_later_setting_at_its_default_and_changed_ot
     assert all(getattr(cfg, k) == v for k, v in LATER_DEFAULTS.items())
     assert key(WarmStartConfig(early_answer_loss=False)) != key(cfg)
     assert key(WarmStartConfig(stop_early_from=0.8)) != key(cfg)
+    assert key(WarmStartConfig(inits=2)) != key(cfg)
 
 
 def test_warm_start_lock_separates_settings_and_shares_equal_ones():
@@ -153,3 +156,42 @@ def test_sft_trains_on_the_full_chains_before_stop_early_from_and_on_the_stops_a
     assert torch.equal(trained(late, full, stop_early_from=0.0), stops)
     half = trained(late, full, stop_early_from=0.5)
     assert not torch.equal(half, stops) and not torch.equal(half, whole)
+
+
+def test_inits_keeps_the_warm_start_with_the_best_validation_em_and_caches_the_choice(small_world, bm25, tmp_path,
+                                                                                     monkeypatch):
+    import pytest
+
+    import sapo_bench.warmstart as ws
+    from sapo_bench.rollout import RolloutConfig
+    from sapo_bench.settings import SettingError
+
+    rcfg = RolloutConfig(template="micro", max_new_tokens=8, max_turns=2, max_response_tokens=120)
+    one = WarmStartConfig(n_val=4, questions=16, epochs=0.5, warmup_steps=1, eval_limit=2)
+    cache = tmp_path / "cache"
+    built = {s: ws.warm_start("qwen2-micro-1m", small_world, bm25, rcfg, one, s, cache)[2] for s in (5, 5 + ws.INIT_STRIDE)}
+    # tiny models score 0 on everything: the validation EMs are set, and the second candidate wins
+    scores = iter([0.1, 0.3])
+    monkeypatch.setattr(ws, "em_avg", lambda result: next(scores))
+    _, _, report = ws.warm_start("qwen2-micro-1m", small_world, bm25, rcfg, replace(one, inits=2), 5, cache)
+    assert report["key"] == built[5 + ws.INIT_STRIDE]["key"] and report["seed"] == 5 + ws.INIT_STRIDE
+    assert [(c["seed"], c["val_em"], c["key"]) for c in report["inits"]] == [
+        (5, 0.1, built[5]["key"]), (5 + ws.INIT_STRIDE, 0.3, built[5 + ws.INIT_STRIDE]["key"])]
+    # started again, the choice is read back, not measured again
+    monkeypatch.setattr(ws, "em_avg", lambda result: pytest.fail("the choice was measured again"))
+    again = ws.warm_start("qwen2-micro-1m", small_world, bm25, rcfg, replace(one, inits=2), 5, cache)[2]
+    assert again["key"] == report["key"] and again["inits"] == report["inits"]
+    with pytest.raises(SettingError, match="warmstart.n_val"):
+        WarmStartConfig(inits=2, n_val=0)
+
+
+def test_inits_is_refused_for_a_pretrained_model_which_has_one_init(small_world, bm25):
+    import pytest
+
+    from sapo_bench.realstart import pretrained_warm_start
+    from sapo_bench.rollout import RolloutConfig
+    from sapo_bench.settings import SettingError
+
+    with pytest.raises(SettingError, match="micro models only"):
+        pretrained_warm_start({"name": "smollm2-135m-instruct"}, small_world, bm25, RolloutConfig(template="micro"),
+                              WarmStartConfig(inits=2))
