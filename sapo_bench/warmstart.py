@@ -53,7 +53,7 @@ class WarmStartConfig:
     questions: int | None = None  # train-mix questions the teacher answers (None: all of them)
     epochs: float = 2.5
     lr: float = 2e-3
-    warmup_steps: int = 50
+    warmup_steps: int = 375  # ~10% of the default pass: conf/config.yaml says why
     batch_size: int = 8
     p_no_search: float = 0.0
     p_wrong_entity: float = 0.0

@@ -115,3 +115,12 @@ def test_a_run_never_waits_in_a_slot_for_a_warm_start_another_worker_builds():
     # a hub model has no shared warm start: its runs never wait on each other
     hub = expand(["paper_main"])
     assert warm_start_key(hub[0]) is None and next_run(hub[1:2], hub[:1], set()) is hub[1]
+
+
+def test_a_model_config_can_set_its_own_warm_start_settings():
+    from sapo_bench.runtime import warmstart_config
+
+    plain = compose_config(["model=qwen2-micro-1m"])
+    own = compose_config(["model=qwen2-micro-1m", "+model.warmstart.warmup_steps=7"])
+    assert warmstart_config(plain).warmup_steps == plain.warmstart.warmup_steps != 7
+    assert warmstart_config(own).warmup_steps == 7 and warmstart_config(own).lr == plain.warmstart.lr
