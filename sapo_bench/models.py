@@ -58,8 +58,8 @@ MICRO_MODELS: dict[str, tuple[str, dict]] = {
     # an average test EM of 0.16-0.21 in five tries, this shape to 0.34 and 0.31 (two world seeds).
     "qwen2-micro-1m": ("qwen2", {**_QWEN2, **dict(zip(_SHAPE, (128, 3, 4, 384)))}),
     # 1.3m: one layer more than qwen2-micro-1m, a small step in cost (its supervised pass 1.2x as
-    # long; 4m's step is 2.9x). It learns slower in the same steps, less so with a longer warm-up
-    # (conf/model/qwen2-micro-1.3m.yaml; README Results); a wider MLP at three layers instead
+    # long; 4m's step is 2.9x). It learns slower in the same steps, less so with the 375-step warm-up
+    # (conf/config.yaml; README Results); a wider MLP at three layers instead
     # (576: 1.34M) did no better. Embeddings stay tied: a
     # 2M try that untied them, as the larger Qwen2.5 do, warm-started to EM 0.04 against 1m's 0.34
     # (tied, copying a token out of the context is the identity through the embedding).

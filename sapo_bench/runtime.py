@@ -145,7 +145,7 @@ def run_configs(cfg: DictConfig) -> tuple[Algo, RolloutConfig, "TrainConfig"]:
 
 def warmstart_config(cfg: DictConfig):
     """The micro warm start's settings: `warmstart`, updated by the model's own `model.warmstart`
-    (the four-layer sizes warm up longer: conf/model/*-micro-1.3m.yaml)."""
+    (a model file's `warmstart:` block overrides the keys it names)."""
     from sapo_bench.warmstart import WarmStartConfig  # lazily: warmstart imports this module's importers
 
     own = cfg.model.get("warmstart")
