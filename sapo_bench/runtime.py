@@ -202,8 +202,21 @@ def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
                           "out_root or setting")
 
 
-def finished_result(run_dir: Path, cfg_hash: str) -> dict | None:
-    """The finished result in run_dir, None if there is none; a different configuration's is an error."""
+def architecture(cfg: DictConfig) -> str | None:
+    """A digest of a micro model's shape, None for other models. The config hash does not see it: a
+    model file names a micro model and its parameter count, and `models.MICRO_MODELS` holds the
+    shape, so a new shape with the same count (heads regrouped, say) leaves the hash as it was.
+    Kept beside the hash, rather than in it, so that every run made before it keeps its identity."""
+    if cfg.model.kind != "micro":
+        return None
+    from sapo_bench.models import MICRO_MODELS
+
+    return hashlib.sha256(json.dumps(MICRO_MODELS[cfg.model.name], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def finished_result(run_dir: Path, cfg_hash: str, arch: str | None = None) -> dict | None:
+    """The finished result in run_dir, None if there is none; a different configuration's is an error,
+    and so is one of another micro-model shape (`architecture`; runs that predate it record none)."""
     path = Path(run_dir) / "result.json"
     if not path.exists():
         return None
@@ -211,5 +224,10 @@ def finished_result(run_dir: Path, cfg_hash: str) -> dict | None:
     if result["run"].get("config_hash") != cfg_hash:
         raise RunConflict(f"{path} holds a finished run of another configuration (config hash "
                           f"{result['run'].get('config_hash')}, this one is {cfg_hash}); it is kept: move it away, "
+                          "or give this run another out_root or setting")
+    theirs = result["run"].get("architecture")
+    if arch is not None and theirs is not None and theirs != arch:
+        raise RunConflict(f"{path} holds a finished run of another shape of {result['run'].get('model')} "
+                          f"(architecture {theirs}, models.MICRO_MODELS now gives {arch}); it is kept: move it away, "
                           "or give this run another out_root or setting")
     return result

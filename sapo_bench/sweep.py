@@ -43,8 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from sapo_bench.checkpoints import RESUMABLE
 from sapo_bench.io import atomic_write_json
-from sapo_bench.runtime import (CONF_DIR, RUN_CONFIG_KEYS, RunConflict, config_hash, finished_result, has_warm_start,
-                                prepare, run_configs)
+from sapo_bench.runtime import (CONF_DIR, RUN_CONFIG_KEYS, RunConflict, architecture, config_hash, finished_result,
+                                has_warm_start, prepare, run_configs)
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 STOP_GRACE_S = 30.0  # a worker told to stop gets this long before it is killed
@@ -73,7 +73,7 @@ class Run:
     def state(self) -> str:
         """done | conflict | failed | partial | new."""
         try:
-            if finished_result(self.run_dir, self.config_hash) is not None:
+            if finished_result(self.run_dir, self.config_hash, architecture(self.cfg)) is not None:
                 return "done"
         except RunConflict:
             return "conflict"

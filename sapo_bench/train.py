@@ -39,8 +39,8 @@ from sapo_bench.loggers import open_loggers, truncate
 from sapo_bench.module import SearchAgentRLModule, TrainConfig
 from sapo_bench.retrieval import build_retriever
 from sapo_bench.rollout import RolloutConfig
-from sapo_bench.runtime import (CONF_DIR, RetryingRetriever, check_resumable, config_hash, finished_result,
-                                git_commit, load_policy_for, machine, prepare_data, run_configs, set_threads)
+from sapo_bench.runtime import (CONF_DIR, RetryingRetriever, architecture, check_resumable, config_hash,
+                                finished_result, git_commit, load_policy_for, machine, prepare_data, run_configs, set_threads)
 
 log = logging.getLogger("sapo_bench")
 
@@ -99,7 +99,7 @@ def train(cfg: DictConfig) -> dict:
     """
     run_dir = Path(cfg.run_dir)
     configs = run_configs(cfg)  # a setting that cannot work stops here, before the run writes anything
-    done = finished_result(run_dir, config_hash(cfg))
+    done = finished_result(run_dir, config_hash(cfg), architecture(cfg))
     if done is not None:
         log.info("%s is finished; skipping (delete result.json to run it again)", run_dir)
         return done
@@ -161,6 +161,7 @@ def _train(cfg: DictConfig, run_dir: Path, loggers: list, algo: Algo, rcfg: Roll
     result = {
         "run": {"model": cfg.model.name, "family": cfg.model.family, "size": str(cfg.model.size), "algo": algo.name,
                 "seed": cfg.seed, "steps": summary["steps"], "git_commit": git_commit(), "config_hash": config_hash(cfg),
+                "architecture": architecture(cfg),
                 "collapse_step": summary["collapse_step"], "drift_step": summary["drift_step"],
                 "collapsed_reason": summary["collapsed_reason"],
                 "nonfinite_skipped": summary["nonfinite_skipped"], "data": cfg.data.kind,
