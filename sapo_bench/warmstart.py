@@ -64,7 +64,11 @@ class WarmStartConfig:
     # ("Doc 1(Title: Ann Lee) Ann B. Lee is ...") and name what questions ask for, so predicting
     # them trains the copying that the policy's own ~15 tokens per episode teach slowly, in the
     # same forward pass. Measured on qwen2-micro-1m (3,000 steps): avg test EM 0.08 -> 0.25 at 0.3.
-    aux_lm: float = 0.3
+    # 1.0 since the template words left the targets (aux_skip_top): what is left is the copying
+    # itself. qwen2-micro-1m on world seed 3, the cell that failed at 0.3 with two inits: 0.223 ->
+    # 0.309 at the same cost; on the default world, not used to choose, qwen2 0.339 -> 0.347 and
+    # llama-micro-1m 0.341 -> 0.340 (README, World seeds never tuned on).
+    aux_lm: float = 1.0
     # Weight of the answer span's tokens in the policy loss (a weighted mean). The student's typical
     # error is an answer of the right kind copied from the wrong place ("1948" for "born ... in
     # 1911"): the two or three answer tokens carry the skill that the other ~12 policy tokens do not.
