@@ -221,13 +221,12 @@ def finished_result(run_dir: Path, cfg_hash: str, arch: str | None = None) -> di
     if not path.exists():
         return None
     result = json.loads(path.read_text())
+    kept = "it is kept: move it away, or give this run another out_root or setting"
     if result["run"].get("config_hash") != cfg_hash:
         raise RunConflict(f"{path} holds a finished run of another configuration (config hash "
-                          f"{result['run'].get('config_hash')}, this one is {cfg_hash}); it is kept: move it away, "
-                          "or give this run another out_root or setting")
+                          f"{result['run'].get('config_hash')}, this one is {cfg_hash}); {kept}")
     theirs = result["run"].get("architecture")
     if arch is not None and theirs is not None and theirs != arch:
         raise RunConflict(f"{path} holds a finished run of another shape of {result['run'].get('model')} "
-                          f"(architecture {theirs}, models.MICRO_MODELS now gives {arch}); it is kept: move it away, "
-                          "or give this run another out_root or setting")
+                          f"(architecture {theirs}, models.MICRO_MODELS now gives {arch}); {kept}")
     return result

@@ -40,7 +40,8 @@ from sapo_bench.module import SearchAgentRLModule, TrainConfig
 from sapo_bench.retrieval import build_retriever
 from sapo_bench.rollout import RolloutConfig
 from sapo_bench.runtime import (CONF_DIR, RetryingRetriever, architecture, check_resumable, config_hash,
-                                finished_result, git_commit, load_policy_for, machine, prepare_data, run_configs, set_threads)
+                                finished_result, git_commit, load_policy_for, machine, prepare_data, run_configs,
+                                set_threads)
 
 log = logging.getLogger("sapo_bench")
 
